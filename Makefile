@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+# Each creates .venv if missing and installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# A local CPU build of torch on these machines; GPU machines install their own build first.
+TORCH_PIN ?= torch==2.13.0
+# Project-local state, so nothing is written to the user's home directory.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test test-fast
+
+$(INSTALLED): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first: installed later as a dependency it would pull several GB of CUDA wheels
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(INSTALLED)
+
+run: install  ## the full pipeline on the embedded default
+	$(BIN)/python -m flows.pipeline
+
+test: install  ## the test suite (slow end-to-end tests included)
+	$(BIN)/python -m pytest
+
+test-fast: install  ## the test suite without the slow end-to-end tests
+	$(BIN)/python -m pytest -m "not slow"

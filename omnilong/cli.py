@@ -1,0 +1,151 @@
+"""The `omnilong` command line: thin wrappers that parse params once and call into the library."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional, get_args
+
+import typer
+from rich.console import Console
+
+from omnilong.config import STAGE_NAMES, ConfigError, Family, Params, load_params, params_schema
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+config_app = typer.Typer(no_args_is_help=True, help="Validate parameter files.")
+model_app = typer.Typer(no_args_is_help=True, help="Model directories.")
+data_app = typer.Typer(no_args_is_help=True, help="Corpora: synthesise, add, tokenise, pack.")
+app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
+
+err_console = Console(stderr=True)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="Parameter file.")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(path: Path, *, check_paths: bool = False) -> Params:
+    try:
+        return load_params(path, check_paths=check_paths)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _stage_name(stage: str) -> str:
+    name = stage if stage.startswith("stage") else f"stage{stage}"
+    if name not in STAGE_NAMES:
+        raise _fail(f"--stage: expected one of 1, 2, 3 (or stage1..stage3), given {stage!r}", 2)
+    return name
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="Parameter file to validate.")] = Path("params.yaml"),
+    skip_path_checks: Annotated[
+        bool, typer.Option(help="Validate schema and values only; model and corpus paths may be absent.")
+    ] = False,
+) -> None:
+    """Validate a parameter file; exit 2 with every bad key named."""
+    _load(file, check_paths=not skip_path_checks)
+    typer.echo(f"{file}: ok")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of params.yaml."""
+    typer.echo(json.dumps(params_schema(), indent=2))
+
+
+@model_app.command("tiny")
+def model_tiny(
+    family: Annotated[str, typer.Option(help="qwen2_5_vl or llava_onevision.")],
+    out: Annotated[Path, typer.Option(help="Directory to save the model to.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Build a random-initialised model of a real architecture, with a tokenizer trained offline."""
+    families = get_args(Family)
+    if family not in families:
+        raise _fail(f"--family: expected one of {', '.join(families)}, given {family!r}", 2)
+    cfg = _load(params)
+    from omnilong.models.tiny import build_tiny_model
+
+    corpus_dir = Path(cfg.data.raw_dir) / "default"
+    if not (corpus_dir / "text").is_dir():
+        raise _fail(f"{corpus_dir / 'text'}: no corpus to train the tokenizer on; run `omnilong data synth` first", 1)
+    build_tiny_model(family, cfg.model.tiny, cfg.model.video, corpus_dir, out)
+    typer.echo(f"tiny {family} model saved to {out}")
+
+
+@data_app.command("synth")
+def data_synth(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: <raw_dir>/default).")] = None,
+) -> None:
+    """Make the default corpus offline and deterministically."""
+    cfg = _load(params)
+    from omnilong.data.synth import synthesize_default_corpus
+
+    target = out or Path(cfg.data.raw_dir) / "default"
+    synthesize_default_corpus(cfg.data.synth, target)
+    typer.echo(f"default corpus written to {target}")
+
+
+@data_app.command("prepare")
+def data_prepare(params: ParamsOption = Path("params.yaml")) -> None:
+    """Tokenise every stage's corpora with the model's own tokenizer."""
+    cfg = _load(params, check_paths=True)
+    from omnilong.data.prepare import prepare_corpora
+
+    prepare_corpora(cfg)
+
+
+@data_app.command("pack")
+def data_pack(
+    stage: Annotated[str, typer.Option(help="1, 2, 3 or stage1..stage3.")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Pack a stage's tokenized documents into fixed-length shards."""
+    name = _stage_name(stage)
+    cfg = _load(params)
+    from omnilong.data.pack import pack_stage
+
+    pack_stage(cfg, name)
+
+
+@data_app.command("add")
+def data_add(
+    path: Annotated[Path, typer.Argument(help="A .jsonl file or a directory of them (video: a directory with qa.jsonl).")],
+    kind: Annotated[str, typer.Option(help="text, instruct or video.")],
+    name: Annotated[Optional[str], typer.Option(help="Corpus name (default: the file or directory name).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Validate a corpus of your own and track it with DVC under data/raw/user/<name>/."""
+    cfg = _load(params)
+    from omnilong.data.user_corpus import CorpusError, add_user_corpus
+
+    try:
+        target = add_user_corpus(path, kind, name, raw_dir=Path(cfg.data.raw_dir))
+    except CorpusError as exc:
+        raise _fail(str(exc), 2) from None
+    typer.echo(
+        f"{kind} corpus tracked at {target} (DVC). Use it in a stage with "
+        f"`stages.<stage>.corpora: [..., {target.name}]` in params.yaml."
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # raised below the CLI by code that re-validates params
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Typed parameters: `params.yaml` parsed once into pydantic models and passed down.
+
+This module is the only place parameters are read. Every model forbids unknown keys, so a
+typo fails loudly instead of being ignored. `load_params` turns pydantic's errors into a
+`ConfigError` whose message names each offending key path (`stages.stage1.seq_len`),
+what was expected and what was given; the CLI maps it to exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+Family = Literal["qwen2_5_vl", "llava_onevision"]
+StageName = Literal["stage1", "stage2", "stage3"]
+STAGE_NAMES: tuple[StageName, ...] = ("stage1", "stage2", "stage3")
+# What each stage trains on: continual pretraining, text instructions, video instructions.
+STAGE_KIND: dict[StageName, Literal["text", "instruct", "video"]] = {
+    "stage1": "text",
+    "stage2": "instruct",
+    "stage3": "video",
+}
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+CorpusName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used; the message names every bad key path."""
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelParams(_Params):
+    """Shape of the random-initialised model built by `omnilong model tiny` (the default demo)."""
+
+    hidden_size: PositiveInt = 64
+    num_hidden_layers: PositiveInt = 2
+    num_attention_heads: PositiveInt = 4
+    num_key_value_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 128
+    vision_hidden_size: PositiveInt = 32
+    vision_depth: PositiveInt = 2
+    vision_num_heads: PositiveInt = 2
+    vocab_size: Annotated[int, Field(ge=512)] = 4096
+    """Target size of the BPE vocabulary trained offline on the default corpus."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelParams:
+        if self.hidden_size % self.num_attention_heads:
+            raise _FieldError(
+                "num_attention_heads", f"a divisor of hidden_size ({self.hidden_size})", self.num_attention_heads
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise _FieldError(
+                "num_key_value_heads",
+                f"a divisor of num_attention_heads ({self.num_attention_heads})",
+                self.num_key_value_heads,
+            )
+        if self.vision_hidden_size % self.vision_num_heads:
+            raise _FieldError(
+                "vision_num_heads",
+                f"a divisor of vision_hidden_size ({self.vision_hidden_size})",
+                self.vision_num_heads,
+            )
+        return self
+
+
+class QwenVideoParams(_Params):
+    """Qwen2.5-VL: each frame is resized to a pixel budget (sides multiples of 28)."""
+
+    min_pixels: PositiveInt = 28 * 28 * 4
+    max_pixels: PositiveInt = 28 * 28 * 16
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QwenVideoParams:
+        if self.min_pixels > self.max_pixels:
+            raise _FieldError("min_pixels", f"at most max_pixels ({self.max_pixels})", self.min_pixels)
+        return self
+
+
+class LlavaVideoParams(_Params):
+    """LLaVA-OneVision: frames are resized to the vision tower's input and features pooled."""
+
+    pool_stride: Literal[2] = 2
+    """Spatial pooling of the vision features per frame (transformers implements 2x2)."""
+
+
+class VideoTokenParams(_Params):
+    qwen2_5_vl: QwenVideoParams = QwenVideoParams()
+    llava_onevision: LlavaVideoParams = LlavaVideoParams()
+
+
+class ModelParams(_Params):
+    family: Family = "qwen2_5_vl"
+    path: Annotated[str, Field(min_length=1)]
+    """Local directory of a Hugging Face model (real weights, or the tiny one built by DVC)."""
+    tiny: TinyModelParams = TinyModelParams()
+    video: VideoTokenParams = VideoTokenParams()
+
+
+class TextSynthParams(_Params):
+    source_dirs: list[str] = []
+    """Directories to read source and docs from; empty means the Python standard library."""
+    num_documents: PositiveInt = 120
+    min_chars: PositiveInt = 2_000
+    max_chars: PositiveInt = 16_000
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TextSynthParams:
+        if self.min_chars > self.max_chars:
+            raise _FieldError("min_chars", f"at most max_chars ({self.max_chars})", self.min_chars)
+        return self
+
+
+class InstructSynthParams(_Params):
+    num_samples: PositiveInt = 48
+    context_chars: PositiveInt = 6_000
+    """Length of the long context each instruction sample is built around."""
+
+
+class VideoSynthParams(_Params):
+    num_videos: PositiveInt = 8
+    num_frames: Annotated[int, Field(ge=2)] = 48
+    """At least 2: the shape changes colour half-way and one digit follows another."""
+    height: Annotated[int, Field(ge=16)] = 64
+    width: Annotated[int, Field(ge=16)] = 64
+    fps: PositiveInt = 4
+
+    @field_validator("height", "width")
+    @classmethod
+    def _even(cls, value: int, info: ValidationInfo) -> int:
+        if value % 2:
+            raise ValueError("Value should be even (H.264 needs even frame sides)")
+        return value
+
+
+class SynthParams(_Params):
+    seed: int = 0
+    text: TextSynthParams = TextSynthParams()
+    instruct: InstructSynthParams = InstructSynthParams()
+    video: VideoSynthParams = VideoSynthParams()
+
+
+class DataParams(_Params):
+    raw_dir: str = "data/raw"
+    """Raw corpora: `default/` made by `omnilong data synth`, `user/<name>/` added by users."""
+    tokenized_dir: str = "data/tokenized"
+    packed_dir: str = "data/packed"
+    synth: SynthParams = SynthParams()
+
+
+class ParallelParams(_Params):
+    nnodes: PositiveInt = 1
+    nproc_per_node: PositiveInt = 2
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+
+class LoraParams(_Params):
+    r: PositiveInt = 8
+    alpha: PositiveInt = 16
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    ]
+    """Module names of the language model to adapt (the vision tower is left as it is)."""
+
+
+class TrainParams(_Params):
+    finetune: Literal["full", "lora"] = "full"
+    lora: LoraParams = LoraParams()
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_steps: NonNegativeInt = 2
+    max_steps: PositiveInt = 20
+    """Optimizer steps."""
+    micro_batch_size: PositiveInt = 1
+    grad_accum_steps: PositiveInt = 1
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 on GPU, fp32 on CPU."""
+    offload_optimizer: bool = False
+    """ZeRO-3: keep optimizer states (and do the optimizer step) on the CPU."""
+    offload_params: bool = False
+    """ZeRO-3: keep partitioned parameters on the CPU between uses."""
+    activation_checkpointing: bool = True
+    checkpoint_every: PositiveInt = 10
+    """Optimizer steps between DeepSpeed checkpoints (one is always written at the end)."""
+    seed: int = 0
+
+
+class LossParams(_Params):
+    """The LM head's cross-entropy (omnilong/loss): chunked, so no [tokens x vocab] logits exist."""
+
+    impl: Literal["chunked", "reference"] = "chunked"
+    """`reference` materialises the full logits: for checks on small runs only."""
+    chunk_tokens: PositiveInt | Literal["auto"] = "auto"
+    """Tokens per chunk; `auto`: the most that fit in `memory_budget_mb`."""
+    memory_budget_mb: PositiveInt = 256
+    """Workspace for one chunk's logits and their gradient, used by `chunk_tokens: auto`."""
+    label_smoothing: Annotated[float, Field(ge=0, le=1)] = 0.0
+    z_loss: Annotated[float, Field(ge=0)] = 0.0
+    """Coefficient of logsumexp(logits)**2, summed over the valid tokens."""
+    softcap: Annotated[float, Field(gt=0)] | None = None
+    """Logits become softcap * tanh(logits / softcap) before the softmax; null: off."""
+
+
+class StageParams(_Params):
+    corpora: Annotated[list[CorpusName], Field(min_length=1)] = ["default"]
+    """Corpora under `data.raw_dir`: `default`, or the name of one added with `omnilong data add`."""
+    seq_len: PositiveInt = 512
+    sp_size: PositiveInt = 1
+    """Sequence-parallel group size: ranks that share one sequence."""
+    frames_per_video: PositiveInt | None = None
+    """Frames sampled uniformly from each video (video stages only)."""
+    train: TrainParams = TrainParams()
+    loss: LossParams = LossParams()
+
+    @model_validator(mode="after")
+    def _seq_len_shards_evenly(self) -> StageParams:
+        # Zigzag sharding splits the sequence into 2 * sp_size equal chunks.
+        if self.seq_len % (2 * self.sp_size):
+            raise _FieldError(
+                "seq_len",
+                f"a multiple of 2 x sp_size = {2 * self.sp_size}, so zigzag sharding gives equal chunks",
+                self.seq_len,
+            )
+        return self
+
+
+class StagesParams(_Params):
+    stage1: StageParams
+    stage2: StageParams
+    stage3: StageParams
+
+    def __getitem__(self, name: StageName) -> StageParams:
+        return getattr(self, name)
+
+
+class NiahParams(_Params):
+    context_lengths: Annotated[list[PositiveInt], Field(min_length=1)] = [256, 512]
+    depths: Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=1)] = [
+        0.0,
+        50.0,
+        100.0,
+    ]
+
+
+class VniahParams(_Params):
+    frame_counts: Annotated[list[PositiveInt], Field(min_length=1)] = [16, 32]
+    depths: Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=1)] = [
+        0.0,
+        50.0,
+        100.0,
+    ]
+
+
+class EvalParams(_Params):
+    niah: NiahParams = NiahParams()
+    vniah: VniahParams = VniahParams()
+
+
+class TrackingParams(_Params):
+    uri: str | None = None
+    """MLflow tracking URI; None means the SQLite store under `mlflow/` in the project."""
+    experiment: Annotated[str, Field(min_length=1)] = "omnilong"
+
+
+class Params(_Params):
+    seed: int = 1234
+    model: ModelParams
+    data: DataParams = DataParams()
+    parallel: ParallelParams = ParallelParams()
+    stages: StagesParams
+    eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        world = self.parallel.world_size
+        for name in STAGE_NAMES:
+            stage = self.stages[name]
+            if world % stage.sp_size:
+                raise _FieldError(
+                    f"stages.{name}.sp_size",
+                    f"a divisor of the world size {world} "
+                    f"(parallel.nnodes x parallel.nproc_per_node)",
+                    stage.sp_size,
+                )
+            if STAGE_KIND[name] == "video" and stage.frames_per_video is None:
+                raise _FieldError(
+                    f"stages.{name}.frames_per_video", "a positive integer for a video stage", None
+                )
+            if STAGE_KIND[name] != "video" and stage.frames_per_video is not None:
+                raise _FieldError(
+                    f"stages.{name}.frames_per_video",
+                    "unset: this stage trains on text",
+                    stage.frames_per_video,
+                )
+        return self
+
+
+class _FieldError(ValueError):
+    """A cross-field check's failure, naming the field (relative to the model that checks)."""
+
+    def __init__(self, field: str, expected: str, given: Any):
+        self.field, self.expected, self.given = field, expected, given
+        super().__init__(f"{field}: expected {expected}, given {given!r}")
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in err["loc"])
+    field_error = (err.get("ctx") or {}).get("error")
+    if isinstance(field_error, _FieldError):
+        key = f"{loc}.{field_error.field}" if loc else field_error.field
+        return f"{key}: expected {field_error.expected}, given {field_error.given!r}"
+    loc = loc or "<top level>"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (given {err['input']!r}); see `omnilong config schema` for the valid keys"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    return f"{loc}: {err['msg'].removeprefix('Value error, ')} (given {err['input']!r})"
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate an already-loaded mapping; raises ConfigError naming every bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, given {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_format_error(err) for err in exc.errors()]
+        raise ConfigError(f"{source}: {len(lines)} invalid parameter(s)\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml", *, check_paths: bool = False) -> Params:
+    """Read and validate a params file. With `check_paths`, local paths must exist too."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    params = parse_params(raw, source=str(path))
+    if check_paths:
+        check_local_paths(params, base=path.parent)
+    return params
+
+
+def check_local_paths(params: Params, base: Path = Path(".")) -> None:
+    """Paths that only exist on the machine that trains: checked when the work needs them."""
+    model_dir = base / params.model.path
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(
+            f"model.path: expected a local model directory with config.json, given "
+            f"{params.model.path!r} ({'no config.json there' if model_dir.is_dir() else 'no such directory'}); "
+            f"build the tiny one with `dvc repro model_tiny` or point it at downloaded weights"
+        )
+    raw_dir = base / params.data.raw_dir
+    for name in STAGE_NAMES:
+        for corpus in params.stages[name].corpora:
+            corpus_dir = corpus_path(raw_dir, corpus)
+            if not corpus_dir.is_dir():
+                raise ConfigError(
+                    f"stages.{name}.corpora: corpus {corpus!r} expected at {corpus_dir}, which does not exist"
+                )
+
+
+def corpus_path(raw_dir: Path, corpus: str) -> Path:
+    """`default` is the synthesised corpus; any other name is a user corpus."""
+    return raw_dir / "default" if corpus == "default" else raw_dir / "user" / corpus
+
+
+def params_schema() -> dict[str, Any]:
+    return Params.model_json_schema()

@@ -1,0 +1,99 @@
+"""The JSONL record of each corpus kind, shared by the synthesiser, `data add` and `prepare`.
+
+A corpus directory holds `text/*.jsonl`, `instruct/*.jsonl` and `video/qa.jsonl` (+ the
+videos it names, relative to `video/`); a corpus may hold only some of the kinds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CorpusKind = Literal["text", "instruct", "video"]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextRecord(_Record):
+    """One document of continual-pretraining text."""
+
+    id: NonEmptyStr
+    source: NonEmptyStr
+    text: NonEmptyStr
+
+
+class Message(_Record):
+    role: Literal["system", "user", "assistant"]
+    content: NonEmptyStr
+
+
+class _Conversation(_Record):
+    messages: Annotated[list[Message], Field(min_length=2)]
+
+    @model_validator(mode="after")
+    def _has_user_and_assistant(self) -> _Conversation:
+        roles = [m.role for m in self.messages]
+        if "user" not in roles or "assistant" not in roles:
+            raise ValueError("messages need at least one user and one assistant turn")
+        if roles[-1] != "assistant":
+            raise ValueError("the last message must be the assistant's answer")
+        return self
+
+
+class InstructRecord(_Conversation):
+    """A chat; only assistant turns are trained on."""
+
+    id: NonEmptyStr
+
+
+class VideoRecord(_Conversation):
+    """A chat about a video; the video is shown before the first user turn's text."""
+
+    id: NonEmptyStr
+    video: NonEmptyStr
+    """Path of the video file, relative to the corpus's `video/` directory."""
+
+
+RECORD_TYPES: dict[CorpusKind, type[_Record]] = {
+    "text": TextRecord,
+    "instruct": InstructRecord,
+    "video": VideoRecord,
+}
+
+
+class RecordError(ValueError):
+    """A corpus line that does not match its kind's schema; names file, line and field."""
+
+
+def corpus_files(corpus_dir: Path, kind: CorpusKind) -> list[Path]:
+    """The JSONL files of one kind in a corpus directory, in a stable order."""
+    if kind == "video":
+        qa = corpus_dir / "video" / "qa.jsonl"
+        return [qa] if qa.is_file() else []
+    return sorted((corpus_dir / kind).glob("*.jsonl"))
+
+
+def iter_records(path: Path, kind: CorpusKind) -> Iterator[_Record]:
+    """Yield validated records of `path`; the first bad line raises RecordError."""
+    record_type = RECORD_TYPES[kind]
+    with open(path, encoding="utf-8") as lines:
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield record_type.model_validate(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"field {'.'.join(str(p) for p in e['loc']) or '<record>'}: {e['msg']}"
+                    for e in exc.errors()
+                )
+                raise RecordError(f"{path}:{line_no}: not a valid {kind} record ({problems})") from None

@@ -1,0 +1,129 @@
+"""params.yaml validation: every bad value fails before any work, naming the key path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from omnilong.cli import app
+from omnilong.config import ConfigError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _set(path: str, value):
+    def mutate(doc):
+        *parents, leaf = path.split(".")
+        for key in parents:
+            doc = doc[key]
+        doc[leaf] = value
+
+    return mutate
+
+
+def _delete(path: str):
+    def mutate(doc):
+        *parents, leaf = path.split(".")
+        for key in parents:
+            doc = doc[key]
+        del doc[leaf]
+
+    return mutate
+
+
+# (mutation, key path the message must name, a fragment saying what was expected or given)
+BAD_FILES = [
+    (_set("stages.stage1.seq_len", 1023), "stages.stage1.seq_len", "multiple of 2 x sp_size = 4"),
+    (_set("stages.stage2.sp_size", 4), "stages.stage2.sp_size", "divisor of the world size 2"),
+    (_set("stages.stage1.train.lr", -1e-4), "stages.stage1.train.lr", "greater than 0"),
+    (_delete("model.path"), "model.path", "required key is missing"),
+    (_set("model.path", ""), "model.path", "at least 1 character"),
+    (_set("model.famly", "qwen2_5_vl"), "model.famly", "unknown key"),
+    (_set("model.family", "llama"), "model.family", "'qwen2_5_vl' or 'llava_onevision'"),
+    (_set("parallel.nproc_per_node", "two"), "parallel.nproc_per_node", "valid integer"),
+    (_delete("stages.stage3.frames_per_video"), "stages.stage3.frames_per_video", "video stage"),
+    (_set("stages.stage1.frames_per_video", 8), "stages.stage1.frames_per_video", "trains on text"),
+    (_set("model.tiny.num_key_value_heads", 3), "model.tiny.num_key_value_heads", "divisor of num_attention_heads"),
+    (_set("stages.stage2.corpora", ["../etc"]), "stages.stage2.corpora.0", "should match pattern"),
+    (_set("stages.stage2.corpora", []), "stages.stage2.corpora", "at least 1 item"),
+    (_set("model.video.qwen2_5_vl.min_pixels", 10**6), "model.video.qwen2_5_vl.min_pixels", "at most max_pixels"),
+    (_set("data.synth.video.height", 33), "data.synth.video.height", "even"),
+    (_set("eval.niah.depths", [0, 150]), "eval.niah.depths.1", "less than or equal to 100"),
+    (_set("stages.stage3.train.finetune", "qlora"), "stages.stage3.train.finetune", "'full' or 'lora'"),
+    (_delete("stages.stage2"), "stages.stage2", "required key is missing"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "key", "fragment"), BAD_FILES, ids=[case[1] for case in BAD_FILES])
+def test_bad_file_names_the_key_and_exits_2(tmp_path, mutate, key, fragment):
+    doc = copy.deepcopy(DEFAULT)
+    mutate(doc)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+
+    with pytest.raises(ConfigError) as excinfo:
+        load_params(bad)
+    message = str(excinfo.value)
+    assert f"{key}:" in message
+    assert fragment in message
+
+    result = CliRunner().invoke(app, ["config", "check", str(bad), "--skip-path-checks"])
+    assert result.exit_code == 2
+    assert key in result.output
+
+
+def test_default_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.stages.stage1.sp_size == 2
+    assert params.parallel.world_size == 2
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    doc = copy.deepcopy(DEFAULT)
+    doc["model"]["path"] = str(tmp_path / "no-such-model")
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"model\.path: expected a local model directory"):
+        load_params(bad, check_paths=True)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_params(scalar)
+
+
+def test_console_script_exits_2_before_any_work(tmp_path):
+    doc = copy.deepcopy(DEFAULT)
+    doc["stages"]["stage1"]["seq_len"] = 1002  # not a multiple of 2 x sp_size = 4
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    out_dir = tmp_path / "corpus"
+    result = subprocess.run(
+        [sys.executable, "-m", "omnilong.cli", "data", "synth", "--params", str(bad), "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "stages.stage1.seq_len" in result.stderr
+    assert not out_dir.exists()
+
+
+def test_schema_is_printed_as_json():
+    result = CliRunner().invoke(app, ["config", "schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert {"model", "stages", "parallel"} <= set(schema["properties"])
