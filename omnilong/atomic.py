@@ -22,6 +22,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +35,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write(data)
         tmp.flush()
         os.fsync(tmp.fileno())
+        # NamedTemporaryFile is private (0600); the output gets the usual umask permissions.
+        os.fchmod(tmp.fileno(), 0o666 & ~_umask())
     os.replace(tmp.name, path)
     _fsync_dir(path.parent)
 
@@ -47,10 +55,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging."))
-    # mkdtemp makes the directory private (0700); the output gets the usual umask permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
     try:
         yield staging
     except BaseException:
