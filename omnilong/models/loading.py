@@ -1,0 +1,44 @@
+"""Load a model directory (the tiny one or real downloaded weights) with transformers' own loaders.
+
+The tokenizer and image processor load separately: `AutoProcessor` would also build the families'
+video processors, which need torchvision; OmniLong preprocesses video itself (`video_inputs`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    BaseImageProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from omnilong.models.families import family_for_config
+
+
+def _model_dir(path: str | Path, needed: str) -> Path:
+    path = Path(path)
+    if not (path / needed).is_file():
+        where = "no such directory" if not path.is_dir() else f"no {needed} there"
+        raise FileNotFoundError(f"{path}: expected a local model directory with {needed} ({where})")
+    return path
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """The family's `...ForConditionalGeneration`; `dtype=None` keeps the checkpoint's dtype."""
+    path = _model_dir(path, "config.json")
+    family = family_for_config(AutoConfig.from_pretrained(path))
+    return family.model_class.from_pretrained(path, dtype=dtype)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(_model_dir(path, "tokenizer_config.json"))
+
+
+def load_image_processor(path: str | Path) -> BaseImageProcessor:
+    return AutoImageProcessor.from_pretrained(_model_dir(path, "preprocessor_config.json"))
