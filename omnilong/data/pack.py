@@ -1,0 +1,244 @@
+"""`omnilong prepare`, second half: tokenized documents -> fixed-length rows in packed shards.
+
+Each row holds `seq_len` tokens: whole documents back to back, then padding. Per row:
+
+- `input_ids` [L]; padding is the tokenizer's pad id.
+- `labels` [L], UNSHIFTED: labels[i] = input_ids[i] where token i is trainable, else -100.
+  Training shifts them (position i predicts labels[i + 1]) on the FULL sequence before it is
+  sharded across sequence-parallel ranks, so no rank needs a neighbour's tokens to build its
+  targets. The first token of every document is -100 too: nothing of its own document precedes
+  it, and after the shift it would be predicted from the previous document's last token. This
+  makes a row's loss the sum of its documents' losses computed one at a time. Padding is -100.
+- `position_ids` [L] restarting at 0 for each document, or [3, L] for Qwen2.5-VL video rows
+  (mRoPE computed on each document alone, as the model would see it unpacked). Padding gets
+  positions restarting at 0 as well.
+- document boundaries (`doc_lens`), and for a video stage the row's video manifest.
+
+Packing is best-fit decreasing (longest piece first, into the fullest row it fits), which is
+deterministic; rows are then put in an order shuffled with `params.seed`, so a reader going
+through the shards in order sees long and short documents mixed. See `shards.py` for the layout.
+"""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, PretrainedConfig
+
+from omnilong import atomic
+from omnilong.config import STAGE_KIND, Params, StageName
+from omnilong.data.prepare import TokenizedStage, load_tokenized
+from omnilong.data.shards import (
+    INDEX_FILE,
+    SHARDS_DIR,
+    PackedIndex,
+    PackStats,
+    ShardEntry,
+    VideoClip,
+)
+from omnilong.models.positions import position_ids_for_document
+
+IGNORE_INDEX = -100
+# Rows per shard default to about 16M tokens (64 MiB per int32 array): few files, cheap to memmap.
+DEFAULT_TOKENS_PER_SHARD = 1 << 24
+
+
+class PackError(ValueError):
+    """Documents that cannot be packed with the stage's parameters; the message says what to change."""
+
+
+class Piece(NamedTuple):
+    """Tokens [start, start + length) of tokenized document `doc`."""
+
+    doc: int
+    start: int
+    length: int
+
+
+def cut_documents(tokenized: TokenizedStage, seq_len: int, stage: StageName) -> list[Piece]:
+    """One piece per document; a text document longer than seq_len is cut into seq_len pieces.
+
+    Each piece becomes a document of its own, positions restarting at 0: attention cannot reach
+    the previous piece (it sits in another row), and restarting keeps every position below
+    seq_len, the context this stage trains, instead of reaching ranges the model never attends
+    over. A video document cannot be cut: its visual tokens belong together.
+    """
+    pieces = []
+    for doc, length in enumerate(tokenized.doc_lengths.tolist()):
+        if length > seq_len and tokenized.index.kind == "video":
+            entry = tokenized.index.documents[doc]
+            raise PackError(
+                f"video document {entry.id!r} (corpus {entry.corpus!r}) has {length} tokens, more than "
+                f"stages.{stage}.seq_len = {seq_len}, and a video cannot be split; raise "
+                f"stages.{stage}.seq_len or lower stages.{stage}.frames_per_video"
+            )
+        pieces += [Piece(doc, start, min(seq_len, length - start)) for start in range(0, length, seq_len)]
+    return pieces
+
+
+def plan_rows(pieces: list[Piece], seq_len: int) -> list[list[Piece]]:
+    """Best-fit decreasing: each piece, longest first, goes into the row with the least room that fits it."""
+    rows: list[list[Piece]] = []
+    free_sizes: list[int] = []  # sorted distinct free room of the open rows
+    rows_by_free: dict[int, list[int]] = {}
+    for piece in sorted(pieces, key=lambda p: (-p.length, p.doc, p.start)):
+        at = bisect.bisect_left(free_sizes, piece.length)
+        if at == len(free_sizes):
+            row, free = len(rows), seq_len
+            rows.append([])
+        else:
+            free = free_sizes[at]
+            row = rows_by_free[free].pop()
+            if not rows_by_free[free]:
+                del rows_by_free[free]
+                free_sizes.pop(at)
+        rows[row].append(piece)
+        free -= piece.length
+        if free:
+            if free not in rows_by_free:
+                bisect.insort(free_sizes, free)
+                rows_by_free[free] = []
+            rows_by_free[free].append(row)
+    return rows
+
+
+def _document_positions(
+    token_ids: np.ndarray, clip: VideoClip | None, mrope_config: PretrainedConfig | None
+) -> np.ndarray:
+    """Positions of one document alone: [n], or [3, n] mRoPE when `mrope_config` is given."""
+    if mrope_config is None:
+        return np.arange(len(token_ids))
+    grid = None if clip is None else torch.tensor([clip.grid_thw])
+    seconds = None if clip is None else torch.tensor([clip.second_per_grid_t])
+    positions = position_ids_for_document(
+        mrope_config,
+        torch.from_numpy(token_ids.astype(np.int64)),
+        video_grid_thw=grid,
+        second_per_grid_ts=seconds,
+    )
+    return positions.numpy()
+
+
+def _write_shard(
+    shard_dir: Path,
+    rows: list[list[Piece]],
+    tokenized: TokenizedStage,
+    seq_len: int,
+    pad_token_id: int,
+    mrope_config: PretrainedConfig | None,
+) -> tuple[list[list[VideoClip]], int]:
+    """Fill and save one shard's arrays; returns its rows' video manifests and trainable token count."""
+    num_rows = len(rows)
+    input_ids = np.full((num_rows, seq_len), pad_token_id, dtype=np.int32)
+    labels = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int32)
+    position_shape = (num_rows, seq_len) if mrope_config is None else (num_rows, 3, seq_len)
+    position_ids = np.empty(position_shape, dtype=np.int32)
+    doc_lens, doc_index, doc_start, doc_offsets = [], [], [], [0]
+    videos: list[list[VideoClip]] = []
+    for r, row in enumerate(rows):
+        cursor = 0
+        row_videos = []
+        for piece in row:
+            end = cursor + piece.length
+            token_ids, trainable = tokenized.document(piece.doc)
+            token_ids = token_ids[piece.start : piece.start + piece.length]
+            trainable = trainable[piece.start : piece.start + piece.length].copy()
+            trainable[0] = False  # no target without context: see the module docstring
+            input_ids[r, cursor:end] = token_ids
+            labels[r, cursor:end] = np.where(trainable, token_ids, IGNORE_INDEX)
+            clip = tokenized.index.documents[piece.doc].video
+            position_ids[r, ..., cursor:end] = _document_positions(token_ids, clip, mrope_config)
+            if clip is not None:
+                row_videos.append(clip.model_copy(update={"token_offset": cursor + clip.token_offset}))
+            doc_lens.append(piece.length)
+            doc_index.append(piece.doc)
+            doc_start.append(piece.start)
+            cursor = end
+        position_ids[r, ..., cursor:] = np.arange(seq_len - cursor)
+        doc_offsets.append(len(doc_lens))
+        videos.append(row_videos)
+    shard_dir.mkdir(parents=True)
+    arrays = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "doc_lens": np.asarray(doc_lens, dtype=np.int32),
+        "doc_offsets": np.asarray(doc_offsets, dtype=np.int64),
+        "doc_index": np.asarray(doc_index, dtype=np.int32),
+        "doc_start": np.asarray(doc_start, dtype=np.int32),
+    }
+    for name, array in arrays.items():
+        np.save(shard_dir / f"{name}.npy", array)
+    return videos, int(np.count_nonzero(labels != IGNORE_INDEX))
+
+
+def pack_stage(
+    params: Params, stage: StageName, root: Path = Path("."), rows_per_shard: int | None = None
+) -> None:
+    """Pack `tokenized_dir/<stage>/` into `packed_dir/<stage>/`, replacing it atomically."""
+    seq_len = params.stages[stage].seq_len
+    tokenized_dir = root / params.data.tokenized_dir / stage
+    tokenized = load_tokenized(tokenized_dir)
+    if tokenized.index.family != params.model.family:
+        raise PackError(
+            f"{tokenized_dir / INDEX_FILE}: tokenized for family {tokenized.index.family!r} but "
+            f"model.family is {params.model.family!r}; run `omnilong prepare` again"
+        )
+    rows_per_shard = rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len)
+    mrope_config = None
+    if params.model.family == "qwen2_5_vl" and STAGE_KIND[stage] == "video":
+        mrope_config = AutoConfig.from_pretrained(root / params.model.path)
+
+    pieces = cut_documents(tokenized, seq_len, stage)
+    planned = plan_rows(pieces, seq_len)
+    order = np.random.default_rng(params.seed).permutation(len(planned))
+    rows = [planned[i] for i in order]
+
+    shards, videos, trainable_tokens = [], [], 0
+    with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
+        for shard_no, row_start in enumerate(
+            tqdm(range(0, len(rows), rows_per_shard), desc=f"pack {stage}", unit="shard")
+        ):
+            shard_rows = rows[row_start : row_start + rows_per_shard]
+            name = f"{shard_no:05d}"
+            shard_videos, shard_trainable = _write_shard(
+                staging / SHARDS_DIR / name,
+                shard_rows,
+                tokenized,
+                seq_len,
+                tokenized.index.pad_token_id,
+                mrope_config,
+            )
+            shards.append(ShardEntry(name=name, row_start=row_start, row_end=row_start + len(shard_rows)))
+            videos += shard_videos
+            trainable_tokens += shard_trainable
+        real_tokens = sum(piece.length for piece in pieces)
+        # Zero token loss: every tokenized token lands in exactly one row.
+        assert real_tokens == tokenized.index.num_tokens, (real_tokens, tokenized.index.num_tokens)
+        index = PackedIndex(
+            stage=stage,
+            kind=tokenized.index.kind,
+            family=tokenized.index.family,
+            seq_len=seq_len,
+            pad_token_id=tokenized.index.pad_token_id,
+            position_dims=1 if mrope_config is None else 3,
+            num_rows=len(rows),
+            num_shards=len(shards),
+            rows_per_shard=rows_per_shard,
+            shards=shards,
+            stats=PackStats(
+                real_tokens=real_tokens,
+                padding_tokens=len(rows) * seq_len - real_tokens,
+                trainable_tokens=trainable_tokens,
+                documents=len(pieces),
+                source_documents=tokenized.index.num_documents,
+                split_documents=int(np.count_nonzero(tokenized.doc_lengths > seq_len)),
+            ),
+            videos=videos if tokenized.index.kind == "video" else None,
+        )
+        atomic.write_text(staging / INDEX_FILE, index.model_dump_json(indent=1))

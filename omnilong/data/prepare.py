@@ -1,0 +1,401 @@
+"""`omnilong prepare`, first half: corpora -> token ids + a trainable mask per document.
+
+Each stage reads the records of its kind (`STAGE_KIND`) from the corpora it lists and tokenises
+them with the model's own tokenizer:
+
+- text: the text, then eos; every token trainable.
+- instruct: the conversation rendered by the tokenizer's chat template; only what the template
+  renders for assistant turns (the answer and its end-of-turn token) is trainable.
+- video: like instruct, with the video shown before the first user turn's text; the template's
+  single video placeholder token is expanded to as many copies as the model has video tokens for
+  the sampled frames, computed from the video's metadata (no frame is decoded here).
+
+`tokenized_dir/<stage>/` holds, written atomically:
+
+    tokens.bin      int32 (little-endian), all documents back to back
+    trainable.bin   uint8 [same length], 1 where the token is a training target
+    offsets.npy     int64 [N + 1], document i is tokens[offsets[i]:offsets[i+1]]
+    index.json      TokenizedIndex: per document its id, corpus and, for video, its VideoClip
+
+The flat files are appended to as documents stream by, so memory stays flat whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
+from transformers import AutoConfig, PretrainedConfig
+
+from omnilong import atomic
+from omnilong.config import (
+    STAGE_KIND,
+    STAGE_NAMES,
+    Family,
+    Params,
+    StageName,
+    VideoTokenParams,
+    corpus_path,
+)
+from omnilong.data.schemas import (
+    CorpusKind,
+    InstructRecord,
+    Message,
+    TextRecord,
+    VideoRecord,
+    corpus_files,
+    iter_records,
+)
+from omnilong.data.shards import VideoClip
+from omnilong.data.video_frames import frame_timestamps, uniform_frame_indices, video_info
+from omnilong.models.families import get_family
+from omnilong.models.loading import load_tokenizer
+from omnilong.models.video_inputs import num_video_tokens, seconds_per_grid, video_grid_thw
+
+TOKENS_FILE = "tokens.bin"
+TRAINABLE_FILE = "trainable.bin"
+OFFSETS_FILE = "offsets.npy"
+INDEX_FILE = "index.json"
+TOKEN_DTYPE = np.dtype("<i4")
+# Stands in for an answer to find where a template puts it; no template or answer contains it.
+_SENTINEL = "\x00omnilong-answer\x00"
+
+
+class PrepareError(ValueError):
+    """A corpus or tokenizer that cannot be prepared; the message names the file or document."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DocumentEntry(_Frozen):
+    id: str
+    corpus: str
+    video: VideoClip | None = None
+
+
+class TokenizedIndex(_Frozen):
+    format_version: Literal[1] = 1
+    stage: StageName
+    kind: CorpusKind
+    family: Family
+    pad_token_id: int
+    num_documents: Annotated[int, Field(ge=0)]
+    num_tokens: Annotated[int, Field(ge=0)]
+    trainable_tokens: Annotated[int, Field(ge=0)]
+    documents: list[DocumentEntry]
+
+
+@dataclass(frozen=True)
+class TokenizedDocument:
+    entry: DocumentEntry
+    token_ids: np.ndarray  # int32 [n]
+    trainable: np.ndarray  # bool [n]
+
+
+@dataclass(frozen=True)
+class TokenizedStage:
+    """A prepared stage, memory-mapped: what `pack` reads."""
+
+    index: TokenizedIndex
+    tokens: np.ndarray  # int32 [T]
+    trainable: np.ndarray  # uint8 [T]
+    offsets: np.ndarray  # int64 [N + 1]
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[start:end], self.trainable[start:end].astype(bool)
+
+
+def write_tokenized(
+    stage_dir: Path,
+    stage: StageName,
+    family: Family,
+    pad_token_id: int,
+    documents: Iterable[TokenizedDocument],
+) -> TokenizedIndex:
+    """Stream documents into `stage_dir`, replacing it atomically once all are written."""
+    entries: list[DocumentEntry] = []
+    offsets = [0]
+    trainable_tokens = 0
+    with atomic.atomic_dir(stage_dir) as staging:
+        with open(staging / TOKENS_FILE, "wb") as tokens, open(staging / TRAINABLE_FILE, "wb") as masks:
+            for doc in documents:
+                if len(doc.token_ids) != len(doc.trainable) or len(doc.token_ids) == 0:
+                    raise PrepareError(
+                        f"document {doc.entry.id!r} of corpus {doc.entry.corpus!r}: "
+                        f"{len(doc.token_ids)} tokens and {len(doc.trainable)} mask entries"
+                    )
+                tokens.write(np.asarray(doc.token_ids, dtype=TOKEN_DTYPE).tobytes())
+                masks.write(np.asarray(doc.trainable, dtype=np.uint8).tobytes())
+                entries.append(doc.entry)
+                offsets.append(offsets[-1] + len(doc.token_ids))
+                trainable_tokens += int(np.count_nonzero(doc.trainable))
+            for handle in (tokens, masks):
+                handle.flush()
+                os.fsync(handle.fileno())
+        if not entries:
+            raise PrepareError(f"stages.{stage}.corpora: no {STAGE_KIND[stage]} record in any of them")
+        np.save(staging / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+        index = TokenizedIndex(
+            stage=stage,
+            kind=STAGE_KIND[stage],
+            family=family,
+            pad_token_id=pad_token_id,
+            num_documents=len(entries),
+            num_tokens=offsets[-1],
+            trainable_tokens=trainable_tokens,
+            documents=entries,
+        )
+        atomic.write_text(staging / INDEX_FILE, index.model_dump_json())
+    return index
+
+
+def load_tokenized(stage_dir: Path) -> TokenizedStage:
+    stage_dir = Path(stage_dir)
+    index_path = stage_dir / INDEX_FILE
+    if not index_path.is_file():
+        raise PrepareError(f"{index_path}: not found; run `omnilong prepare` first")
+    try:
+        index = TokenizedIndex.model_validate_json(index_path.read_text())
+    except ValidationError as exc:
+        raise PrepareError(f"{index_path}: not a valid tokenized index ({exc.errors()[0]['msg']})") from None
+    offsets = np.load(stage_dir / OFFSETS_FILE)
+    if offsets.shape != (index.num_documents + 1,) or offsets[-1] != index.num_tokens:
+        raise PrepareError(
+            f"{stage_dir / OFFSETS_FILE}: shape {offsets.shape} ending at {offsets[-1]}, expected "
+            f"({index.num_documents + 1},) ending at {index.num_tokens} from {index_path}"
+        )
+    arrays = {}
+    for name, dtype in ((TOKENS_FILE, TOKEN_DTYPE), (TRAINABLE_FILE, np.dtype(np.uint8))):
+        path = stage_dir / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != index.num_tokens * dtype.itemsize:
+            raise PrepareError(f"{path}: {size} bytes, expected {index.num_tokens} tokens of {dtype}")
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r", shape=(index.num_tokens,))
+    return TokenizedStage(index, arrays[TOKENS_FILE], arrays[TRAINABLE_FILE], offsets)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def text_document(tokenizer: Any, record: TextRecord) -> tuple[list[int], list[bool]]:
+    if tokenizer.eos_token_id is None:
+        raise PrepareError("the tokenizer has no eos token; text documents need one to end")
+    token_ids = _encode(tokenizer, record.text) + [tokenizer.eos_token_id]
+    return token_ids, [True] * len(token_ids)
+
+
+def _template_messages(messages: list[Message], with_video: bool) -> list[dict[str, Any]]:
+    """Messages as multimodal chat templates take them: content as a list of typed parts."""
+    rendered = []
+    first_user = next(i for i, m in enumerate(messages) if m.role == "user")
+    for i, message in enumerate(messages):
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
+        if with_video and i == first_user:
+            parts.insert(0, {"type": "video"})
+        rendered.append({"role": message.role, "content": parts})
+    return rendered
+
+
+def chat_segments(tokenizer: Any, messages: list[Message], with_video: bool) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, trainable) segments.
+
+    Templates of real models (Qwen, LLaVA) have no `{% generation %}` markers, so each assistant
+    turn is found by rendering growing prefixes: what `messages[:i+1]` adds to `messages[:i]` is
+    turn i. Its header (role tag) is masked; from the answer's first character through the
+    end-of-turn token is trained. The header is measured on the same turn rendered with a
+    sentinel answer, so an answer that also occurs in the header ("a" in "assistant") is not
+    mistaken for it. Generation prompts are not used as the header: LLaVA-OneVision's
+    (`assistant\n`) differs from the header it renders in a conversation (`assistant \n`).
+    Whitespace after the end-of-turn token is not trained either: the model stops at that token.
+    """
+    chat = _template_messages(messages, with_video)
+
+    def render(prefix: list[dict[str, Any]]) -> str:
+        return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=False)
+
+    segments: list[tuple[str, bool]] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        before = render(chat[:i])
+        with_answer = render(chat[: i + 1])
+        sentinel_turn = {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}
+        with_sentinel = render(chat[:i] + [sentinel_turn])
+        prefixes = ((before, rendered), (with_answer, before), (with_sentinel, before))
+        if not all(text.startswith(prefix) for text, prefix in prefixes):
+            raise PrepareError(
+                f"the chat template does not render conversations prefix by prefix (at message {i}); "
+                f"assistant turns cannot be located in it"
+            )
+        turn = with_answer[len(before) :]
+        answer_start = with_sentinel.find(_SENTINEL, len(before)) - len(before)
+        if answer_start < 0 or not turn[answer_start:].startswith(message.content):
+            raise PrepareError(
+                f"the chat template did not render the text of message {i} ({message.role}) verbatim in "
+                f"its turn; it must accept content given as a list of {{'type': 'text', 'text': ...}} parts"
+            )
+        trained_end = len(turn.rstrip())
+        segments += [
+            (before[len(rendered) :] + turn[:answer_start], False),
+            (turn[answer_start:trained_end], True),
+            (turn[trained_end:], False),
+        ]
+        rendered = with_answer
+    return [(text, trainable) for text, trainable in segments if text]
+
+
+def chat_document(
+    tokenizer: Any, messages: list[Message], with_video: bool
+) -> tuple[list[int], list[bool]]:
+    token_ids: list[int] = []
+    trainable: list[bool] = []
+    for text, is_trained in chat_segments(tokenizer, messages, with_video):
+        segment = _encode(tokenizer, text)
+        token_ids += segment
+        trainable += [is_trained] * len(segment)
+    return token_ids, trainable
+
+
+@dataclass(frozen=True)
+class _VideoContext:
+    """What turning a video record into tokens needs beyond the tokenizer."""
+
+    family: Family
+    model_config: PretrainedConfig
+    video: VideoTokenParams
+    frames_per_video: int
+    video_token_id: int
+    root: Path
+
+
+def _project_relative(path: Path, root: Path) -> str:
+    resolved, project = path.resolve(), root.resolve()
+    return str(resolved.relative_to(project) if resolved.is_relative_to(project) else resolved)
+
+
+def _video_clip(
+    context: _VideoContext, record: VideoRecord, video_path: Path, token_offset: int
+) -> VideoClip:
+    info = video_info(video_path)
+    frame_indices = [int(i) for i in uniform_frame_indices(info.num_frames, context.frames_per_video)]
+    num_tokens = num_video_tokens(
+        context.family, context.model_config, context.video, len(frame_indices), info.height, info.width
+    )
+    # The sampled frames span the whole video, so they play at this rate.
+    sampled_fps = len(frame_indices) * info.fps / info.num_frames
+    grid_thw = second_per_grid_t = None
+    if context.family == "qwen2_5_vl":
+        grid_thw = list(
+            video_grid_thw(context.model_config, context.video, len(frame_indices), info.height, info.width)
+        )
+        second_per_grid_t = seconds_per_grid(context.model_config, sampled_fps)
+    return VideoClip(
+        doc_id=record.id,
+        path=_project_relative(video_path, context.root),
+        frame_indices=frame_indices,
+        timestamps=frame_timestamps(info, frame_indices),
+        fps=info.fps,
+        sampled_fps=sampled_fps,
+        height=info.height,
+        width=info.width,
+        token_offset=token_offset,
+        num_tokens=num_tokens,
+        grid_thw=grid_thw,
+        second_per_grid_t=second_per_grid_t,
+    )
+
+
+def video_document(
+    tokenizer: Any, record: VideoRecord, video_path: Path, context: _VideoContext
+) -> tuple[np.ndarray, np.ndarray, VideoClip]:
+    """The chat with its one video placeholder expanded to the clip's token count."""
+    token_ids, trainable = chat_document(tokenizer, record.messages, with_video=True)
+    placeholders = [i for i, token in enumerate(token_ids) if token == context.video_token_id]
+    if len(placeholders) != 1:
+        raise PrepareError(
+            f"video document {record.id!r}: expected one video placeholder token in the rendered chat, "
+            f"found {len(placeholders)} (does a message's text contain the placeholder itself?)"
+        )
+    at = placeholders[0]
+    clip = _video_clip(context, record, video_path, token_offset=at)
+    ids, mask = np.asarray(token_ids, dtype=TOKEN_DTYPE), np.asarray(trainable, dtype=bool)
+    video_ids = np.full(clip.num_tokens, context.video_token_id, dtype=TOKEN_DTYPE)
+    ids = np.concatenate([ids[:at], video_ids, ids[at + 1 :]])
+    mask = np.concatenate([mask[:at], np.zeros(clip.num_tokens, dtype=bool), mask[at + 1 :]])
+    return ids, mask, clip
+
+
+def _stage_documents(
+    params: Params, stage: StageName, tokenizer: Any, model_config: PretrainedConfig, root: Path
+) -> Iterator[TokenizedDocument]:
+    kind = STAGE_KIND[stage]
+    context = None
+    if kind == "video":
+        context = _VideoContext(
+            family=params.model.family,
+            model_config=model_config,
+            video=params.model.video,
+            frames_per_video=params.stages[stage].frames_per_video,
+            video_token_id=tokenizer.convert_tokens_to_ids(get_family(params.model.family).video_token),
+            root=root,
+        )
+    for corpus in params.stages[stage].corpora:
+        corpus_dir = corpus_path(root / params.data.raw_dir, corpus)
+        files = corpus_files(corpus_dir, kind)
+        if not files:
+            expected = corpus_dir / ("video/qa.jsonl" if kind == "video" else f"{kind}/*.jsonl")
+            raise PrepareError(
+                f"stages.{stage}.corpora: corpus {corpus!r} holds no {kind} records (expected {expected})"
+            )
+        for path in files:
+            for record in iter_records(path, kind):
+                try:
+                    clip = None
+                    if isinstance(record, TextRecord):
+                        token_ids, trainable = text_document(tokenizer, record)
+                    elif isinstance(record, InstructRecord):
+                        token_ids, trainable = chat_document(tokenizer, record.messages, with_video=False)
+                    else:
+                        token_ids, trainable, clip = video_document(
+                            tokenizer, record, corpus_dir / "video" / record.video, context
+                        )
+                except PrepareError as exc:
+                    raise PrepareError(f"{path}: record {record.id!r}: {exc}") from None
+                yield TokenizedDocument(
+                    DocumentEntry(id=record.id, corpus=corpus, video=clip),
+                    np.asarray(token_ids, dtype=TOKEN_DTYPE),
+                    np.asarray(trainable, dtype=bool),
+                )
+
+
+def prepare_corpora(params: Params, root: Path = Path(".")) -> None:
+    """Tokenise every stage's corpora into `data.tokenized_dir/<stage>/` (see the module docstring)."""
+    model_dir = root / params.model.path
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.pad_token_id is None:
+        raise PrepareError(f"{model_dir}: the tokenizer has no pad token; packing needs one")
+    model_config = AutoConfig.from_pretrained(model_dir)
+    for stage in STAGE_NAMES:
+        documents = _stage_documents(params, stage, tokenizer, model_config, root)
+        write_tokenized(
+            root / params.data.tokenized_dir / stage,
+            stage,
+            params.model.family,
+            tokenizer.pad_token_id,
+            tqdm(documents, desc=f"prepare {stage}", unit="doc"),
+        )

@@ -1,0 +1,159 @@
+"""Shared fixtures. The tiny pipeline runs once per session and every end-to-end test reads it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """The environment `make run` sets up, pointed at a copy of the project."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "PREFECT_HOME": str(project / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_AUTHOR_NAME": "omnilong-tests",
+        "GIT_AUTHOR_EMAIL": "tests@omnilong.invalid",
+        "GIT_COMMITTER_NAME": "omnilong-tests",
+        "GIT_COMMITTER_EMAIL": "tests@omnilong.invalid",
+    }
+
+
+def copy_project(destination: Path) -> Path:
+    """Copy what a clone would hold (tracked files and untracked, non-ignored ones) into a new git repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for relative in filter(None, listed):
+        source = REPO / relative
+        if source.is_file():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    env = project_env(destination)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "snapshot"]):
+        subprocess.run(command, cwd=destination, env=env, check=True)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """A clean copy of the project after one run of `make run`'s flow on the embedded default."""
+    project = copy_project(tmp_path_factory.mktemp("pipeline") / "project")
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline"],
+        cwd=project, env=project_env(project), capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, f"pipeline failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    return project
+
+
+@pytest.fixture(scope="session")
+def tiny_text_corpus(tmp_path_factory) -> Path:
+    """A small corpus dir (`text/*.jsonl` of TextRecords) from a few standard-library sources."""
+    import inspect
+    import json
+    import json.decoder
+    import json.encoder
+    import textwrap
+
+    from omnilong.data.schemas import TextRecord
+
+    corpus = tmp_path_factory.mktemp("tiny_text_corpus")
+    (corpus / "text").mkdir()
+    for shard, modules in enumerate([(json, json.decoder), (json.encoder, textwrap)]):
+        records = [
+            TextRecord(id=module.__name__, source=f"stdlib:{module.__name__}", text=inspect.getsource(module))
+            for module in modules
+        ]
+        (corpus / "text" / f"part-{shard}.jsonl").write_text(
+            "".join(record.model_dump_json() + "\n" for record in records)
+        )
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_text_corpus):
+    """`tiny_model_dir(family)`: the tiny model of that family with default params, built once per session."""
+    from omnilong.config import TinyModelParams, VideoTokenParams
+    from omnilong.models.tiny import build_tiny_model
+
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"tiny_{family}") / "model"
+            build_tiny_model(family, TinyModelParams(), VideoTokenParams(), tiny_text_corpus, out)
+            built[family] = out
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_dir(tmp_path_factory) -> Path:
+    """A `data.raw_dir` whose `default/` corpus (text, instruct, video) the synthesiser made small, once per session."""
+    from omnilong.config import SynthParams
+    from omnilong.data.synth import synthesize_default_corpus
+
+    synth = SynthParams.model_validate(
+        {
+            "text": {"num_documents": 6, "min_chars": 500, "max_chars": 3000},
+            "instruct": {"num_samples": 4, "context_chars": 800},
+            "video": {"num_videos": 2, "num_frames": 12, "height": 48, "width": 64, "fps": 4},
+        }
+    )
+    raw_dir = tmp_path_factory.mktemp("tiny_raw") / "raw"
+    synthesize_default_corpus(synth, raw_dir / "default")
+    return raw_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory, tiny_model_dir, tiny_raw_dir):
+    """`tiny_prepared(family)`: (params, root) of a project whose three stages were prepared and
+    packed from `tiny_raw_dir` with that family's tiny model, once per session."""
+    from omnilong.config import STAGE_NAMES, parse_params
+    from omnilong.data.pack import pack_stage
+    from omnilong.data.prepare import prepare_corpora
+
+    root = tmp_path_factory.getbasetemp()  # holds the model, the corpus and the outputs
+    done = {}
+
+    def prepare(family: str):
+        if family not in done:
+            work = tmp_path_factory.mktemp(f"prepared_{family}")
+            params = parse_params(
+                {
+                    "model": {"family": family, "path": str(tiny_model_dir(family).relative_to(root))},
+                    "data": {
+                        "raw_dir": str(tiny_raw_dir.relative_to(root)),
+                        "tokenized_dir": str((work / "tokenized").relative_to(root)),
+                        "packed_dir": str((work / "packed").relative_to(root)),
+                    },
+                    "stages": {
+                        # Some text documents are longer than this and get cut; no chat is.
+                        "stage1": {"seq_len": 1024, "sp_size": 2},
+                        "stage2": {"seq_len": 1024, "sp_size": 2},
+                        # Both videos fit in one row.
+                        "stage3": {"seq_len": 576, "sp_size": 1, "frames_per_video": 8},
+                    },
+                }
+            )
+            prepare_corpora(params, root)
+            for stage in STAGE_NAMES:
+                pack_stage(params, stage, root, rows_per_shard=2)
+            done[family] = params, root
+        return done[family]
+
+    return prepare

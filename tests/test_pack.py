@@ -1,0 +1,359 @@
+"""Packing: invariants on hand-made token documents, then on the real prepare output of a tiny corpus."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from omnilong.config import Params, StageName, parse_params
+from omnilong.data import pack
+from omnilong.data.pack import IGNORE_INDEX, PackError, Piece, pack_stage, plan_rows
+from omnilong.data.prepare import DocumentEntry, TokenizedDocument, write_tokenized
+from omnilong.data.shards import PackedShards, PackedShardsError, VideoClip
+from omnilong.data.video_frames import read_frames
+from omnilong.models.families import get_family
+from omnilong.models.loading import load_model
+from omnilong.models.video_inputs import preprocess_video
+
+PAD = 0
+
+
+def hand_params(tmp_path: Path, seq_len: int = 64, family: str = "llava_onevision") -> Params:
+    stage = {"seq_len": seq_len, "sp_size": 1}
+    return parse_params(
+        {
+            "model": {"family": family, "path": str(tmp_path / "no-model")},
+            "data": {
+                "raw_dir": str(tmp_path / "raw"),
+                "tokenized_dir": str(tmp_path / "tokenized"),
+                "packed_dir": str(tmp_path / "packed"),
+            },
+            "stages": {"stage1": stage, "stage2": stage, "stage3": {**stage, "frames_per_video": 4}},
+        }
+    )
+
+
+def hand_documents(lengths: list[int], seed: int = 0) -> list[TokenizedDocument]:
+    """Documents of random tokens (never the pad id) with a random prompt-like masked prefix."""
+    rng = np.random.default_rng(seed)
+    documents = []
+    for i, length in enumerate(lengths):
+        trainable = np.ones(length, dtype=bool)
+        trainable[: rng.integers(0, length)] = False
+        documents.append(
+            TokenizedDocument(
+                DocumentEntry(id=f"doc{i}", corpus="hand"),
+                rng.integers(1, 1000, size=length).astype(np.int32),
+                trainable,
+            )
+        )
+    return documents
+
+
+def write_hand_stage(params: Params, stage: StageName, documents: list[TokenizedDocument]) -> None:
+    write_tokenized(Path(params.data.tokenized_dir) / stage, stage, params.model.family, PAD, documents)
+
+
+def recovered_documents(stage_dir: Path) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """(start, input_ids, labels) of every packed piece, per source document, read from the files directly."""
+    index = json.loads((stage_dir / "index.json").read_text())
+    pieces = defaultdict(list)
+    for shard in index["shards"]:
+        arrays = {
+            path.stem: np.load(path) for path in (stage_dir / "shards" / shard["name"]).glob("*.npy")
+        }
+        for local in range(shard["row_end"] - shard["row_start"]):
+            first, end = arrays["doc_offsets"][local : local + 2]
+            cursor = 0
+            for length, doc, start in zip(
+                arrays["doc_lens"][first:end], arrays["doc_index"][first:end], arrays["doc_start"][first:end]
+            ):
+                row_slice = slice(cursor, cursor + length)
+                pieces[int(doc)].append(
+                    (int(start), arrays["input_ids"][local, row_slice], arrays["labels"][local, row_slice])
+                )
+                cursor += length
+    return pieces
+
+
+def test_plan_rows_keeps_every_piece_and_never_overfills():
+    rng = np.random.default_rng(1)
+    pieces = [Piece(doc, 0, int(n)) for doc, n in enumerate(rng.integers(1, 100, size=300))]
+    rows = plan_rows(pieces, seq_len=100)
+    assert sorted(p for row in rows for p in row) == sorted(pieces)
+    assert all(sum(p.length for p in row) <= 100 for row in rows)
+    # Best fit leaves little room: no two rows could have been merged.
+    free = sorted(100 - sum(p.length for p in row) for row in rows)
+    assert free[0] + free[1] < 100
+    assert plan_rows(pieces, seq_len=100) == rows
+
+
+def test_packed_rows_hold_every_token_with_masked_labels_and_restarting_positions(tmp_path):
+    params = hand_params(tmp_path, seq_len=64)
+    documents = hand_documents([5, 64, 30, 1, 17, 40, 63, 2, 33, 9, 50, 20])
+    write_hand_stage(params, "stage2", documents)
+    pack_stage(params, "stage2", rows_per_shard=3)
+
+    dataset = PackedShards(Path(params.data.packed_dir) / "stage2")
+    total = sum(len(d.token_ids) for d in documents)
+    stats = dataset.index.stats
+    assert stats.real_tokens == total
+    assert stats.real_tokens + stats.padding_tokens == len(dataset) * 64
+    assert dataset.index.num_shards == -(-len(dataset) // 3)
+
+    # Every document comes back whole, exactly once, from the boundaries alone.
+    pieces = recovered_documents(dataset.stage_dir)
+    assert sorted(pieces) == list(range(len(documents)))
+    for doc, document in enumerate(documents):
+        [(start, input_ids, labels)] = pieces[doc]
+        assert start == 0
+        np.testing.assert_array_equal(input_ids, document.token_ids)
+        expected_labels = np.where(document.trainable, document.token_ids, IGNORE_INDEX)
+        expected_labels[0] = IGNORE_INDEX  # nothing of the document precedes its first token
+        np.testing.assert_array_equal(labels, expected_labels)
+
+    trainable = 0
+    for row in range(len(dataset)):
+        item = dataset[row]
+        used = int(item["doc_lens"].sum())
+        assert used <= 64 and item["doc_lens"].min() > 0
+        assert (item["input_ids"][used:] == PAD).all() and (item["labels"][used:] == IGNORE_INDEX).all()
+        expected_positions = torch.cat([torch.arange(n) for n in item["doc_lens"].tolist() + [64 - used]])
+        torch.testing.assert_close(item["position_ids"], expected_positions)
+        trainable += int((item["labels"] != IGNORE_INDEX).sum())
+    assert trainable == stats.trainable_tokens
+    assert "videos" not in dataset[0]
+
+
+def test_packing_is_deterministic(tmp_path):
+    params = hand_params(tmp_path)
+    write_hand_stage(params, "stage1", hand_documents([int(n) for n in np.arange(1, 120, 7)]))
+    packed = Path(params.data.packed_dir) / "stage1"
+    pack_stage(params, "stage1", rows_per_shard=4)
+    first = {p.relative_to(packed): p.read_bytes() for p in sorted(packed.rglob("*")) if p.is_file()}
+    pack_stage(params, "stage1", rows_per_shard=4)
+    second = {p.relative_to(packed): p.read_bytes() for p in sorted(packed.rglob("*")) if p.is_file()}
+    assert first == second
+
+
+def test_long_text_documents_are_cut_into_seq_len_pieces(tmp_path):
+    params = hand_params(tmp_path, seq_len=32)
+    documents = hand_documents([80, 10, 32])
+    write_hand_stage(params, "stage1", documents)
+    pack_stage(params, "stage1")
+    dataset = PackedShards(Path(params.data.packed_dir) / "stage1")
+    assert dataset.index.stats.split_documents == 1
+    assert dataset.index.stats.documents == 3 + 2
+
+    pieces = sorted(recovered_documents(dataset.stage_dir)[0], key=lambda piece: piece[0])
+    assert [(start, len(ids)) for start, ids, _ in pieces] == [(0, 32), (32, 32), (64, 16)]
+    np.testing.assert_array_equal(np.concatenate([ids for _, ids, _ in pieces]), documents[0].token_ids)
+    # Each piece is a document of its own: no target for its first token.
+    assert all(labels[0] == IGNORE_INDEX for _, _, labels in pieces)
+
+
+def test_video_document_longer_than_seq_len_is_refused(tmp_path):
+    params = hand_params(tmp_path, seq_len=32)
+    documents = hand_documents([20, 40])
+    clip = VideoClip(
+        doc_id="doc1", path="v.mp4", frame_indices=[0, 1, 2, 3], timestamps=[0, 1, 2, 3], fps=1.0,
+        sampled_fps=1.0, height=32, width=32, token_offset=3, num_tokens=17,
+    )
+    documents = [
+        TokenizedDocument(
+            d.entry.model_copy(update={"video": clip.model_copy(update={"doc_id": d.entry.id})}),
+            d.token_ids,
+            d.trainable,
+        )
+        for d in documents
+    ]
+    write_hand_stage(params, "stage3", documents)
+    with pytest.raises(PackError) as error:
+        pack_stage(params, "stage3")
+    message = str(error.value)
+    for expected in ("'doc1'", "40 tokens", "seq_len = 32", "stages.stage3.frames_per_video"):
+        assert expected in message
+    assert not (Path(params.data.packed_dir) / "stage3").exists()
+
+
+def test_failure_mid_pack_leaves_the_previous_output_intact(tmp_path, monkeypatch):
+    params = hand_params(tmp_path)
+    write_hand_stage(params, "stage1", hand_documents([60] * 10))
+    packed = Path(params.data.packed_dir) / "stage1"
+    pack_stage(params, "stage1", rows_per_shard=2)
+    before = {p.relative_to(packed): p.read_bytes() for p in packed.rglob("*") if p.is_file()}
+
+    write_hand_stage(params, "stage1", hand_documents([10] * 50, seed=3))
+    written = []
+    real_write_shard = pack._write_shard
+
+    def write_then_fail(*args, **kwargs):
+        if written:
+            raise OSError("disk full")
+        written.append(args[0])
+        return real_write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(pack, "_write_shard", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        pack_stage(params, "stage1", rows_per_shard=2)
+    assert written  # the failure came after a shard was written
+    after = {p.relative_to(packed): p.read_bytes() for p in packed.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in packed.parent.iterdir()) == ["stage1"]
+
+
+def test_unreadable_index_names_the_file(tmp_path):
+    params = hand_params(tmp_path)
+    write_hand_stage(params, "stage1", hand_documents([10, 20]))
+    pack_stage(params, "stage1")
+    index_path = Path(params.data.packed_dir) / "stage1" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["num_rows"] += 1
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(PackedShardsError, match=str(index_path)):
+        PackedShards(index_path.parent)
+    with pytest.raises(PackedShardsError, match="not found"):
+        PackedShards(tmp_path / "nowhere")
+
+
+# --- the real prepare output of a tiny synthesised corpus -------------------------------------------
+
+FAMILIES = ["qwen2_5_vl", "llava_onevision"]
+
+
+@pytest.fixture(params=FAMILIES)
+def prepared(request, tiny_prepared):
+    return tiny_prepared(request.param)
+
+
+def raw_records(params: Params, root: Path, kind: str) -> list[dict]:
+    corpus = root / params.data.raw_dir / "default"
+    files = [corpus / "video" / "qa.jsonl"] if kind == "video" else sorted((corpus / kind).glob("*.jsonl"))
+    return [json.loads(line) for path in files for line in path.read_text().splitlines() if line.strip()]
+
+
+def reassembled(stage_dir: Path) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
+    """(input_ids, labels, piece starts) of each source document, in order, joined from its pieces."""
+    documents = []
+    by_doc = recovered_documents(stage_dir)
+    assert sorted(by_doc) == list(range(len(by_doc)))
+    for doc in range(len(by_doc)):
+        pieces = sorted(by_doc[doc], key=lambda piece: piece[0])
+        starts = [start for start, _, _ in pieces]
+        assert starts == list(np.cumsum([0] + [len(ids) for _, ids, _ in pieces[:-1]]))
+        input_ids = np.concatenate([ids for _, ids, _ in pieces])
+        labels = np.concatenate([piece_labels for _, _, piece_labels in pieces])
+        documents.append((input_ids, labels, starts))
+    return documents
+
+
+def template_chat(record: dict, with_video: bool) -> list[dict]:
+    """The record as the template takes it; the synthesised chats open with the user's turn."""
+    chat = [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in record["messages"]
+    ]
+    if with_video:
+        chat[0]["content"].insert(0, {"type": "video"})
+    return chat
+
+
+def test_text_stage_keeps_every_token_of_the_raw_corpus(prepared):
+    params, root = prepared
+    tokenizer = AutoTokenizer.from_pretrained(root / params.model.path)
+    expected = [
+        tokenizer.encode(record["text"], add_special_tokens=False) + [tokenizer.eos_token_id]
+        for record in raw_records(params, root, "text")
+    ]
+    stage_dir = root / params.data.packed_dir / "stage1"
+    documents = reassembled(stage_dir)
+    assert [ids.tolist() for ids, _, _ in documents] == expected
+    # All text is trained on, except each piece's first token (no context precedes it).
+    for ids, labels, starts in documents:
+        expected_labels = ids.copy()
+        expected_labels[starts] = IGNORE_INDEX
+        np.testing.assert_array_equal(labels, expected_labels)
+    assert any(len(starts) > 1 for _, _, starts in documents)
+
+    dataset = PackedShards(stage_dir)
+    stats = dataset.index.stats
+    assert stats.real_tokens == sum(map(len, expected))
+    assert stats.real_tokens + stats.padding_tokens == len(dataset) * params.stages.stage1.seq_len
+    assert stats.split_documents == sum(len(ids) > params.stages.stage1.seq_len for ids in expected)
+
+
+def test_instruct_stage_trains_only_on_answers(prepared):
+    params, root = prepared
+    tokenizer = AutoTokenizer.from_pretrained(root / params.model.path)
+    records = raw_records(params, root, "instruct")
+    documents = reassembled(root / params.data.packed_dir / "stage2")
+    assert len(documents) == len(records)
+    for record, (ids, labels, _) in zip(records, documents):
+        rendered = tokenizer.apply_chat_template(template_chat(record, False), tokenize=False)
+        assert tokenizer.decode(ids) == rendered
+        trained = np.flatnonzero(labels != IGNORE_INDEX)
+        runs = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)
+        answers = [m["content"] + tokenizer.eos_token for m in record["messages"] if m["role"] == "assistant"]
+        assert [tokenizer.decode(ids[run]) for run in runs] == answers
+        np.testing.assert_array_equal(labels[trained], ids[trained])
+
+
+def test_video_rows_hold_their_clips_and_per_document_positions(prepared):
+    params, root = prepared
+    family = params.model.family
+    model_dir = root / params.model.path
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    video_token_id = tokenizer.convert_tokens_to_ids(get_family(family).video_token)
+    seq_len = params.stages.stage3.seq_len
+    records = {record["id"]: record for record in raw_records(params, root, "video")}
+
+    dataset = PackedShards(root / params.data.packed_dir / "stage3")
+    assert dataset.index.position_dims == (3 if family == "qwen2_5_vl" else 1)
+    seen = []
+    for item in dataset:
+        ids, positions = item["input_ids"], item["position_ids"]
+        starts = np.cumsum([0] + item["doc_lens"].tolist())
+        assert len(item["videos"]) == len(item["doc_lens"])
+        for clip, start, end in zip(item["videos"], starts[:-1], starts[1:]):
+            seen.append(clip.doc_id)
+            run = slice(clip.token_offset, clip.token_offset + clip.num_tokens)
+            assert start < run.start and run.stop < end
+            assert (ids[start:end] == video_token_id).sum() == clip.num_tokens
+            assert (ids[run] == video_token_id).all() and (item["labels"][run] == IGNORE_INDEX).all()
+            # The document is the template's rendering with its placeholder expanded.
+            collapsed = torch.cat([ids[start : run.start + 1], ids[run.stop : end]])
+            chat = template_chat(records[clip.doc_id], True)
+            assert tokenizer.decode(collapsed) == tokenizer.apply_chat_template(chat, tokenize=False)
+
+            frames = read_frames(root / clip.path, clip.frame_indices)
+            assert len(frames) == params.stages.stage3.frames_per_video
+            inputs = preprocess_video(family, frames, model_config, params.model.video, fps=clip.sampled_fps)
+            document_ids = ids[start:end]
+            if family == "qwen2_5_vl":
+                # What the model computes for this document alone, from the frames the loader decodes.
+                assert clip.grid_thw == inputs["video_grid_thw"][0].tolist()
+                expected, _ = rope_model(model_dir).get_rope_index(
+                    document_ids[None],
+                    mm_token_type_ids=((document_ids == video_token_id).int() * 2)[None],
+                    video_grid_thw=inputs["video_grid_thw"],
+                    second_per_grid_ts=inputs["second_per_grid_ts"],
+                )
+                torch.testing.assert_close(positions[:, start:end], expected[:, 0])
+            else:
+                torch.testing.assert_close(positions[start:end], torch.arange(end - start))
+        padding = positions[..., starts[-1] :]
+        torch.testing.assert_close(padding, torch.arange(seq_len - starts[-1]).expand_as(padding))
+    assert sorted(seen) == sorted(records)
+    assert any(len(item["videos"]) > 1 for item in dataset)
+
+
+@functools.cache
+def rope_model(model_dir: Path):
+    return load_model(model_dir).model
