@@ -16,6 +16,9 @@ import networkx as nx
 from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
 
+from omnilong.config import STAGE_NAMES, Params, load_params
+from omnilong.data.shards import read_index
+
 
 def stages_in_order(repo_root: Path) -> list[str]:
     """dvc.yaml's stages, dependencies first (DVC's graph has edges stage -> dependency)."""
@@ -38,13 +41,27 @@ def repro_stage(stage: str, repo_root: Path) -> None:
         raise RuntimeError(f"`{' '.join(command[1:])}` exited with {proc.returncode}")
 
 
+def packed_summary(params: Params, repo_root: Path) -> str:
+    lines = []
+    for stage in STAGE_NAMES:
+        stage_dir = repo_root / params.data.packed_dir / stage
+        stats = read_index(stage_dir).stats
+        total = stats.real_tokens + stats.padding_tokens
+        lines.append(
+            f"  {stage_dir.relative_to(repo_root)}: {stats.documents} documents, {stats.real_tokens:,} tokens "
+            f"({stats.trainable_tokens:,} trained on), padding {stats.padding_tokens / total:.1%}"
+        )
+    return "\n".join(lines)
+
+
 @flow(name="omnilong", log_prints=True)
 def omnilong_pipeline(repo_root: Path = Path(".")) -> None:
     repo_root = repo_root.resolve()
+    params = load_params(repo_root / "params.yaml")  # dvc.yaml's stages read this file
     started = time.monotonic()
     for stage in stages_in_order(repo_root):
         repro_stage(stage, repo_root)
-    print(f"pipeline finished in {time.monotonic() - started:.0f} s")
+    print(f"pipeline finished in {time.monotonic() - started:.0f} s; packed data:\n{packed_summary(params, repo_root)}")
 
 
 if __name__ == "__main__":
