@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast
+.PHONY: install run test test-fast serve ui
 
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,8 @@ $(INSTALLED): pyproject.toml
 	# torch first: installed later as a dependency it would pull several GB of CUDA wheels
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# DeepSpeed JIT-compiles its CPU communication op on first use (minutes on 2 cores): do it now, once.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	@touch $@
 
 install: $(INSTALLED)
@@ -35,3 +37,9 @@ test: install  ## the test suite (slow end-to-end tests included)
 
 test-fast: install  ## the test suite without the slow end-to-end tests
 	$(BIN)/python -m pytest -m "not slow"
+
+serve: install  ## Prefect server on 127.0.0.1:4200 + the omnilong deployments; Ctrl-C stops both
+	$(BIN)/python -m flows.serve
+
+ui: install  ## the MLflow UI on http://127.0.0.1:5000 over the project's store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000

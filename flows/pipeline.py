@@ -1,12 +1,20 @@
-"""The `omnilong` flow: every stage of dvc.yaml, in dependency order, each a Prefect task.
+"""The `omnilong` flow: the stages of dvc.yaml a pipeline variant needs, in order, each a Prefect task.
 
-dvc.yaml is the one DAG definition. Each task runs `dvc repro <stage>`, so a flow run and a
-plain `dvc repro` share caching, the lock file and lineage, and a stage whose inputs did not
-change is skipped by DVC rather than re-run.
+dvc.yaml is the one DAG definition. A variant names only its final DVC stage; the tasks are that
+stage and everything upstream of it, in dependency order, each running `dvc repro <stage>`. So
+a flow run and a plain `dvc repro` share caching, the lock file and lineage, and a stage whose
+inputs did not change is skipped by DVC rather than re-run. A retried training task resumes
+from its stage's last DeepSpeed checkpoint (kept outside DVC's outputs).
+
+One MLflow parent run per flow run: the training stages and the evaluation nest their runs
+under it, and after each training task the parent records the registered model version the
+stage produced (or, when DVC skipped the stage, the version registered when it last ran).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -18,27 +26,46 @@ from prefect import flow, get_run_logger, task
 
 from omnilong.config import STAGE_NAMES, Params, load_params
 from omnilong.data.shards import read_index
+from omnilong.tracking.registry import REGISTRATION_FILE
+from omnilong.tracking.runs import PARENT_RUN_ENV, create_run
+from omnilong.tracking.store import tracking_uri
+
+# The final DVC stage of each pipeline variant; the rest follows from dvc.yaml.
+VARIANT_TARGETS = {"full": "evaluate", "no-stage2": "evaluate-no-stage2"}
+TRAIN_STAGE_PREFIX = "train@"
 
 
-def stages_in_order(repo_root: Path) -> list[str]:
-    """dvc.yaml's stages, dependencies first (DVC's graph has edges stage -> dependency)."""
+def stages_for(repo_root: Path, target: str) -> list[str]:
+    """`target` and every stage upstream of it, dependencies first (DVC's edges: stage -> dependency)."""
     with Repo(str(repo_root)) as repo:
         graph = repo.index.graph
-        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+        [node] = [stage for stage in graph if stage.addressing == target]
+        needed = graph.subgraph({node} | nx.descendants(graph, node))
+        return [stage.addressing for stage in reversed(list(nx.topological_sort(needed)))]
 
 
-@task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, repo_root: Path) -> None:
+@task(retries=2, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
+def repro_stage(stage: str, repo_root: Path, parent_run_id: str) -> None:
     logger = get_run_logger()
-    command = [sys.executable, "-m", "dvc", "repro", stage]
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
     with subprocess.Popen(
-        command, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             logger.info(line.rstrip())
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command[1:])}` exited with {proc.returncode}")
+        raise RuntimeError(f"`dvc repro --single-item {stage}` exited with {proc.returncode}")
+
+
+def link_registered_model(stage: str, repo_root: Path, parent_run_id: str) -> dict:
+    """Record on the parent run the model version a training stage registered (run now or earlier)."""
+    from mlflow import MlflowClient
+
+    record = json.loads((repo_root / "runs" / stage.removeprefix(TRAIN_STAGE_PREFIX) / REGISTRATION_FILE).read_text())
+    MlflowClient().set_tag(parent_run_id, f"omnilong.model.{record['alias']}", f"{record['name']}/{record['version']}")
+    return record
 
 
 def packed_summary(params: Params, repo_root: Path) -> str:
@@ -55,14 +82,38 @@ def packed_summary(params: Params, repo_root: Path) -> str:
 
 
 @flow(name="omnilong", log_prints=True)
-def omnilong_pipeline(repo_root: Path = Path(".")) -> None:
+def omnilong_pipeline(variant: str = "full", repo_root: Path = Path(".")) -> None:
+    """The OmniLong recipe on params.yaml: `full` (stages 1-3) or `no-stage2` (the ablation)."""
+    from mlflow import MlflowClient
+
+    if variant not in VARIANT_TARGETS:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANT_TARGETS)}, given {variant!r}")
     repo_root = repo_root.resolve()
+    os.chdir(repo_root)  # MLflow's local store and DVC's paths are relative to the project
     params = load_params(repo_root / "params.yaml")  # dvc.yaml's stages read this file
     started = time.monotonic()
-    for stage in stages_in_order(repo_root):
-        repro_stage(stage, repo_root)
-    print(f"pipeline finished in {time.monotonic() - started:.0f} s; packed data:\n{packed_summary(params, repo_root)}")
+    parent_run_id = create_run(params, f"pipeline-{variant}", {"omnilong.variant": variant})
+
+    registered = []
+    for stage in stages_for(repo_root, VARIANT_TARGETS[variant]):
+        repro_stage(stage, repo_root, parent_run_id)
+        if stage.startswith(TRAIN_STAGE_PREFIX):
+            registered.append(link_registered_model(stage, repo_root, parent_run_id))
+    MlflowClient().set_terminated(parent_run_id)
+
+    models = "\n".join(
+        f"  models:/{r['name']}@{r['alias']}  (version {r['version']}, lineage {' > '.join(r['lineage'])})"
+        for r in registered
+    )
+    print(
+        f"pipeline '{variant}' finished in {time.monotonic() - started:.0f} s\n"
+        f"packed data:\n{packed_summary(params, repo_root)}\n"
+        f"registered models:\n{models}\n"
+        f"held-out metrics: runs/eval-{variant}/heldout.json\n"
+        f"MLflow parent run {parent_run_id}; browse with `make ui` "
+        f"(mlflow ui --backend-store-uri {tracking_uri(params.tracking, repo_root)})"
+    )
 
 
 if __name__ == "__main__":
-    omnilong_pipeline()
+    omnilong_pipeline(variant=sys.argv[1] if len(sys.argv) > 1 else "full")

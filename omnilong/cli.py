@@ -139,6 +139,48 @@ def data_add(
     )
 
 
+@app.command("train")
+def train(
+    stage: Annotated[str, typer.Option(help="1, 2, 3 or stage1..stage3.")],
+    params: ParamsOption = Path("params.yaml"),
+    init: Annotated[Optional[Path], typer.Option(help="Model to start from (default: the previous stage's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default: runs/<stage>).")] = None,
+    checkpoints: Annotated[Optional[Path], typer.Option(help="DeepSpeed checkpoints (default: checkpoints/<stage>).")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Pipeline variant, e.g. no-stage2.")] = None,
+) -> None:
+    """Train one stage under torchrun with DeepSpeed ZeRO-3."""
+    name = _stage_name(stage)
+    cfg = _load(params)
+    from omnilong.train.launch import default_init, launch, runner_args
+
+    suffix = f"-{variant}" if variant else ""
+    args = runner_args(
+        name, params, init or default_init(cfg, name), out or Path("runs") / f"{name}{suffix}",
+        checkpoints or Path("checkpoints") / f"{name}{suffix}", variant,
+    )
+    raise typer.Exit(launch(cfg, args))
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[list[str], typer.Option(help="LABEL=DIR of a model to score; repeat for each.")],
+    out: Annotated[Path, typer.Option(help="Directory for heldout.json.")],
+    params: ParamsOption = Path("params.yaml"),
+    name: Annotated[str, typer.Option(help="Name of the MLflow run.")] = "evaluate",
+) -> None:
+    """Held-out loss and perplexity of each model on every stage, logged to MLflow."""
+    models: dict[str, Path] = {}
+    for item in model:
+        label, sep, directory = item.partition("=")
+        if not sep or not label or not directory:
+            raise _fail(f"--model: expected LABEL=DIR, given {item!r}", 2)
+        models[label] = Path(directory)
+    cfg = _load(params)
+    from omnilong.eval.report import evaluate_and_track
+
+    evaluate_and_track(cfg, models, out, run_name=name)
+
+
 def main() -> None:
     try:
         app()

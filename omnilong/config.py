@@ -24,6 +24,7 @@ from pydantic import (
 
 Family = Literal["qwen2_5_vl", "llava_onevision"]
 StageName = Literal["stage1", "stage2", "stage3"]
+RingBackend = Literal["torch", "ring_flash_attn"]
 STAGE_NAMES: tuple[StageName, ...] = ("stage1", "stage2", "stage3")
 # What each stage trains on: continual pretraining, text instructions, video instructions.
 STAGE_KIND: dict[StageName, Literal["text", "instruct", "video"]] = {
@@ -168,6 +169,9 @@ class DataParams(_Params):
 class ParallelParams(_Params):
     nnodes: PositiveInt = 1
     nproc_per_node: PositiveInt = 2
+    ring_attention: RingBackend = "torch"
+    """Ring attention backend when sp_size > 1: `torch` (PyTorch kernels, CPU and GPU) or
+    `ring_flash_attn` (the ring-flash-attn package, GPU with flash-attn only, experimental)."""
 
     @property
     def world_size(self) -> int:
@@ -276,6 +280,8 @@ class VniahParams(_Params):
 
 
 class EvalParams(_Params):
+    heldout_rows: PositiveInt = 2
+    """Packed rows per stage kept out of training; held-out loss and perplexity are measured on them."""
     niah: NiahParams = NiahParams()
     vniah: VniahParams = VniahParams()
 

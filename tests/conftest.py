@@ -22,6 +22,7 @@ def project_env(project: Path) -> dict[str, str]:
         "PREFECT_HOME": str(project / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
         "GIT_AUTHOR_NAME": "omnilong-tests",
         "GIT_AUTHOR_EMAIL": "tests@omnilong.invalid",
         "GIT_COMMITTER_NAME": "omnilong-tests",
@@ -157,3 +158,14 @@ def tiny_prepared(tmp_path_factory, tiny_model_dir, tiny_raw_dir):
         return done[family]
 
     return prepare
+
+
+@pytest.fixture(scope="session")
+def tiny_ablation(tiny_pipeline) -> Path:
+    """The same project after the `no-stage2` variant ran too (DVC reuses the shared stages)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "no-stage2"],
+        cwd=tiny_pipeline, env=project_env(tiny_pipeline), capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, f"ablation failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    return tiny_pipeline

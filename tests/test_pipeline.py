@@ -1,4 +1,4 @@
-"""End to end: the flow of `make run` on a clean copy of the project, then DVC's view of it."""
+"""End to end: the flow of `make run` on a clean copy of the project, then DVC's and MLflow's view of it."""
 
 from __future__ import annotations
 
@@ -6,12 +6,18 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import project_env
 
 pytestmark = pytest.mark.slow
+
+FAMILY = "qwen2_5_vl"
+STAGES = ("stage1", "stage2", "stage3")
 
 
 def _dvc(project, *args: str) -> subprocess.CompletedProcess:
@@ -20,49 +26,109 @@ def _dvc(project, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module")
+def mlflow_client(tiny_pipeline, monkeypatch_module):
+    import mlflow
+
+    monkeypatch_module.chdir(tiny_pipeline)
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_pipeline / 'mlflow' / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _download_weights(uri: str, into: Path) -> dict[str, torch.Tensor]:
+    import mlflow
+
+    return load_file(Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(into))) / "model.safetensors")
+
+
 def test_pipeline_produces_every_stage_output(tiny_pipeline):
     assert (tiny_pipeline / "models/tiny/config.json").is_file()
     assert list((tiny_pipeline / "data/raw/default/text").glob("*.jsonl"))
     assert (tiny_pipeline / "data/raw/default/video/qa.jsonl").is_file()
-    for stage in ("stage1", "stage2", "stage3"):
+    for stage in STAGES:
         index = json.loads((tiny_pipeline / f"data/packed/{stage}/index.json").read_text())
         assert index["num_rows"] > 0
+        assert (tiny_pipeline / f"runs/{stage}/model/model.safetensors").is_file()
+        assert list((tiny_pipeline / f"checkpoints/{stage}").glob("step*"))
+    heldout = json.loads((tiny_pipeline / "runs/eval-full/heldout.json").read_text())
+    assert set(heldout) == {"base", *STAGES}
+    assert all(metrics["tokens"] > 0 for stages in heldout.values() for metrics in stages.values())
 
 
-def test_dvc_is_clean_and_a_second_repro_does_nothing(tiny_pipeline):
-    status = _dvc(tiny_pipeline, "status", "--json")
+def test_each_stage_registers_a_loadable_version_that_differs_from_the_last(tiny_pipeline, mlflow_client, tmp_path):
+    from omnilong.models.loading import load_model
+
+    previous = load_file(tiny_pipeline / "models/tiny/model.safetensors")
+    for stage in STAGES:
+        version = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", stage)
+        assert version.tags["omnilong.stage"] == stage
+        weights = _download_weights(f"models:/omnilong-{FAMILY}@{stage}", tmp_path / stage)
+        assert weights.keys() == previous.keys()
+        assert any(not torch.equal(weights[key], previous[key]) for key in weights)
+        previous = weights
+    model = load_model(tmp_path / "stage3", dtype=torch.float32)
+    assert model.config.model_type == FAMILY
+
+
+def test_step_metrics_are_logged_and_stage1_learns(tiny_pipeline, mlflow_client):
+    from omnilong.config import load_params
+
+    params = load_params(tiny_pipeline / "params.yaml")
+    for stage in STAGES:
+        run_id = json.loads((tiny_pipeline / f"runs/{stage}/registration.json").read_text())["run_id"]
+        run = mlflow_client.get_run(run_id)
+        assert "mlflow.parentRunId" in run.data.tags
+        assert run.data.params["data.version"] != "untracked"
+        assert run.data.params["git.commit"] != "unknown"
+        losses = mlflow_client.get_metric_history(run_id, "train/loss")
+        assert [m.step for m in losses] == list(range(params.stages[stage].train.max_steps))
+        for metric in ("train/lr", "train/tokens_per_s", "memory/peak_mb_rank0", "memory/peak_mb_rank1"):
+            assert len(mlflow_client.get_metric_history(run_id, metric)) == len(losses)
+        if stage == "stage1":
+            values = [m.value for m in losses]
+            assert sum(values[-3:]) / 3 < sum(values[:3]) / 3
+
+
+def test_ablation_skips_stage2_and_keeps_its_own_name(tiny_ablation, mlflow_client):
+    ablation = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}-no-stage2", "stage3")
+    assert ablation.tags["omnilong.lineage"] == "base>stage1>stage3"
+    main = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "stage3")
+    assert main.tags["omnilong.lineage"] == "base>stage1>stage2>stage3"
+    stage1 = json.loads((tiny_ablation / "runs/stage1/registration.json").read_text())
+    # stage 1 is shared: the ablation reused the version the full pipeline registered.
+    assert len(mlflow_client.search_model_versions(f"name='omnilong-{FAMILY}'")) == 3
+    assert stage1["version"] == mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "stage1").version
+
+
+def test_dvc_is_clean_and_a_second_repro_does_nothing(tiny_ablation):
+    status = _dvc(tiny_ablation, "status", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout) == {}
 
-    again = _dvc(tiny_pipeline, "repro")
+    again = _dvc(tiny_ablation, "repro")
     assert again.returncode == 0, again.stderr
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout
 
 
-def test_outputs_round_trip_through_the_local_remote(tiny_pipeline, tmp_path):
-    pushed = _dvc(tiny_pipeline, "push")
+def test_outputs_round_trip_through_the_local_remote(tiny_ablation, tmp_path):
+    pushed = _dvc(tiny_ablation, "push")
     assert pushed.returncode == 0, pushed.stderr
     # A second checkout of the same commit gets the outputs from the remote, not by re-running.
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(tiny_pipeline), str(clone)], check=True)
-    shutil.copy2(tiny_pipeline / "dvc.lock", clone / "dvc.lock")
-    remote = (tiny_pipeline / ".dvc-remote").resolve()
+    subprocess.run(["git", "clone", "-q", str(tiny_ablation), str(clone)], check=True)
+    shutil.copy2(tiny_ablation / "dvc.lock", clone / "dvc.lock")
+    remote = (tiny_ablation / ".dvc-remote").resolve()
     assert _dvc(clone, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
     pulled = _dvc(clone, "pull")
     assert pulled.returncode == 0, pulled.stderr
-    for stage in ("stage1", "stage2", "stage3"):
-        assert (clone / f"data/packed/{stage}/index.json").read_bytes() == (
-            tiny_pipeline / f"data/packed/{stage}/index.json"
-        ).read_bytes()
+    for path in ["data/packed/stage1/index.json", "runs/stage3/model/model.safetensors"]:
+        assert (clone / path).read_bytes() == (tiny_ablation / path).read_bytes()
     status = _dvc(clone, "status", "--json")
     assert json.loads(status.stdout) == {}
-
-
-def test_tiny_model_loads_with_from_pretrained(tiny_pipeline):
-    from transformers import AutoConfig, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(tiny_pipeline / "models/tiny")
-    assert config.model_type == "qwen2_5_vl"
-    tokenizer = AutoTokenizer.from_pretrained(tiny_pipeline / "models/tiny")
-    assert tokenizer.chat_template

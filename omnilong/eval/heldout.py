@@ -1,0 +1,50 @@
+"""Held-out loss and perplexity of models on each stage's held-out packed rows.
+
+The rows are the last `eval.heldout_rows` of each stage's shards, which training never reads.
+Every model is scored on every stage with the same rows and the same loss code as training, so
+the base model, each stage's model and an ablation compare directly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from omnilong.config import STAGE_NAMES, Params
+from omnilong.data.shards import PackedShards
+from omnilong.models.loading import load_model
+from omnilong.train.batches import collate
+from omnilong.train.training_module import TrainingModule, language_model_positions
+
+
+@torch.no_grad()
+def heldout_loss(params: Params, model_dir: Path, stage: str) -> dict[str, float]:
+    dataset = PackedShards(Path(params.data.packed_dir) / stage)
+    rows = range(len(dataset) - params.eval.heldout_rows, len(dataset))
+    model = load_model(model_dir, dtype=torch.float32).eval()
+    module = TrainingModule(model, params.model.family, params.stages[stage].loss)
+    loss_sum = tokens = 0.0
+    for row in rows:
+        batch = collate([dataset[row]], family=params.model.family, model_config=model.config,
+                        video_params=params.model.video)
+        row_loss, row_tokens = module(
+            input_ids=batch.input_ids, labels=batch.labels,
+            position_ids=language_model_positions(params.model.family, batch.position_ids, batch.doc_lens),
+            **batch.videos,
+        )
+        loss_sum += float(row_loss)
+        tokens += float(row_tokens)
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def evaluate_models(params: Params, models: dict[str, Path]) -> dict[str, dict[str, dict[str, float]]]:
+    """{model label: {stage: {loss, perplexity, tokens}}} for every model on every stage."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    jobs = [(label, stage) for label in models for stage in STAGE_NAMES]
+    for label, stage in tqdm(jobs, desc="held-out loss", unit="eval"):
+        results.setdefault(label, {})[stage] = heldout_loss(params, models[label], stage)
+    return results

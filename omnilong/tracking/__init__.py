@@ -1,0 +1,1 @@
+"""MLflow: runs, logged parameters and metrics, the model registry and its aliases."""

@@ -1,0 +1,78 @@
+"""The Model Registry: each stage's HF model directory as a version of `omnilong-<family>`.
+
+Versions point at the logged `save_pretrained` directory itself (not an MLflow flavour), so
+`models:/omnilong-qwen2_5_vl@stage3` downloads to a directory that plain transformers loads:
+
+    path = mlflow.artifacts.download_artifacts("models:/omnilong-qwen2_5_vl@stage3")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_ARTIFACT = "model"
+
+
+def registered_name(family: str, variant: str | None = None) -> str:
+    return f"omnilong-{family}" + (f"-{variant}" if variant else "")
+
+
+def register_stage_model(
+    run_id: str, model_dir: Path, name: str, alias: str, tags: dict[str, str] | None = None
+) -> str:
+    """Log `model_dir` under the run, register it as a new version of `name`, point `alias` at it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_ARTIFACT)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
+    client.set_registered_model_alias(name, alias, version.version)
+    return version.version
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local directory, or a `models:/name@alias` / `runs:/...` URI downloaded to one."""
+    if "://" not in model and not model.startswith("models:/"):
+        return Path(model)
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(model))
+
+
+REGISTRATION_FILE = "registration.json"
+
+
+def lineage_of(init_dir: Path, stage: str) -> list[str]:
+    """The stages a model went through: its initial model's lineage, then this stage."""
+    registration = init_dir.parent / REGISTRATION_FILE
+    if registration.is_file():
+        return [*json.loads(registration.read_text())["lineage"], stage]
+    return ["base", stage]
+
+
+def register_stage(
+    run_id: str, out_dir: Path, *, family: str, stage: str, variant: str | None, init_dir: Path
+) -> dict[str, object]:
+    """Register `out_dir/model` with alias `stage` and record the result in `out_dir/registration.json`."""
+    from mlflow import MlflowClient
+
+    from omnilong import atomic
+
+    name = registered_name(family, variant)
+    lineage = lineage_of(init_dir, stage)
+    tags = {"omnilong.stage": stage, "omnilong.lineage": ">".join(lineage), "omnilong.init": str(init_dir)}
+    version = register_stage_model(run_id, out_dir / "model", name, stage, tags)
+    for key, value in tags.items():
+        MlflowClient().set_tag(run_id, key, value)
+    record = {"name": name, "version": version, "alias": stage, "run_id": run_id, "lineage": lineage}
+    atomic.write_text(out_dir / REGISTRATION_FILE, json.dumps(record, indent=1) + "\n")
+    return record

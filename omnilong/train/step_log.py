@@ -1,0 +1,173 @@
+"""Step logs of a training stage: a console line per step on rank 0, metrics in MLflow.
+
+Each line shows loss, learning rate, tokens/s and the peak memory of every rank. Rank 0 owns the
+stage's MLflow run (omnilong/tracking/runs.py); a resumed stage keeps logging to the run it
+started, so a curve has no gap or duplicate steps.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from omnilong.config import Params
+from omnilong.tracking.runs import create_run
+from omnilong.tracking.store import use_experiment
+
+TRACKED_PACKAGES = ("torch", "transformers", "deepspeed", "peft", "mlflow", "dvc", "prefect", "omnilong")
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this rank: allocated on the GPU, resident set size on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # ru_maxrss is in KiB
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: json.dumps(value) if isinstance(value, list | tuple) else str(value)}
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "unknown"
+
+
+def packed_data_version(packed_dir: Path) -> str:
+    """The DVC hash of the packed shards, as recorded in dvc.lock (`untracked` when run outside DVC)."""
+    import yaml
+
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return "untracked"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if Path(out["path"]) == packed_dir:
+                return out.get("md5", "untracked")
+    return "untracked"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[f"version.{name}"] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[f"version.{name}"] = "absent"
+    return versions
+
+
+class StepLogger:
+    def __init__(self, params: Params, run, *, ds_config: dict, params_file: Path, resumed_run_id: str | None):
+        self.params = params
+        self.run = run
+        self.ds_config = ds_config
+        self.params_file = params_file
+        self.is_main = dist.get_rank() == 0
+        self.run_id: str | None = resumed_run_id
+
+    def start(self, start_step: int) -> None:
+        if self.is_main:
+            use_experiment(self.params.tracking, Path("."))  # also for a resumed run's client calls
+            stage_name = self.run.stage + (f"-{self.run.variant}" if self.run.variant else "")
+            if self.run_id is None:
+                tags = {"omnilong.stage": self.run.stage, "omnilong.init": str(self.run.init_dir)}
+                if self.run.variant:
+                    tags["omnilong.variant"] = self.run.variant
+                self.run_id = create_run(self.params, stage_name, tags)
+                self._log_run_inputs()
+            print(
+                f"[{stage_name}] {'resuming at step ' + str(start_step) if start_step else 'starting'}; "
+                f"MLflow run {self.run_id}",
+                flush=True,
+            )
+        self.run_id = _broadcast(self.run_id)
+
+    def _log_run_inputs(self) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        client = MlflowClient()
+        packed_dir = Path(self.params.data.packed_dir) / self.run.stage
+        params = {
+            **flatten("", self.params.model_dump(mode="json")),
+            "run.init": str(self.run.init_dir),
+            "run.world_size": str(dist.get_world_size()),
+            "data.version": packed_data_version(packed_dir),
+            "git.commit": git_commit(),
+            **package_versions(),
+        }
+        entries = [Param(key, value[:6000]) for key, value in params.items()]
+        for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per call
+            client.log_batch(self.run_id, params=entries[start : start + 100])
+        client.log_dict(self.run_id, self.ds_config, "deepspeed_config.json")
+        client.log_artifact(self.run_id, str(self.params_file))
+
+    def step(self, step: int, *, loss: float, lr: float, tokens: float, seconds: float, grad_norm) -> None:
+        memory = _gather_floats(peak_memory_mb())
+        if not self.is_main:
+            return
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        metrics = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/tokens_per_s": tokens / seconds,
+            "train/step_seconds": seconds,
+            **{f"memory/peak_mb_rank{rank}": mb for rank, mb in enumerate(memory)},
+        }
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        now_ms = int(time.time() * 1000)
+        MlflowClient().log_batch(
+            self.run_id, metrics=[Metric(key, value, now_ms, step) for key, value in metrics.items()]
+        )
+        memory_text = " ".join(f"r{rank}:{mb:.0f}MB" for rank, mb in enumerate(memory))
+        print(
+            f"[{self.run.stage}] step {step + 1}/{self.params.stages[self.run.stage].train.max_steps} "
+            f"loss {loss:.4f} lr {lr:.2e} {tokens / seconds:,.0f} tok/s peak {memory_text}",
+            flush=True,
+        )
+
+    def finish(self) -> None:
+        """Register the exported model (rank 0) as a version with the stage's alias."""
+        if not self.is_main:
+            return
+        from omnilong.tracking.registry import register_stage
+
+        record = register_stage(
+            self.run_id, self.run.out_dir, family=self.params.model.family, stage=self.run.stage,
+            variant=self.run.variant, init_dir=self.run.init_dir,
+        )
+        from mlflow import MlflowClient
+
+        MlflowClient().set_terminated(self.run_id)
+        print(f"[{self.run.stage}] registered {record['name']} version {record['version']} "
+              f"as @{record['alias']} (lineage {' > '.join(record['lineage'])})", flush=True)
+
+
+def _broadcast(value: str | None) -> str | None:
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _gather_floats(value: float) -> list[float]:
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return [float(v) for v in gathered]

@@ -1,0 +1,152 @@
+"""The training step under real ZeRO-3 on 2 gloo ranks equals one process on the whole batch.
+
+Each rank trains on its own rows with 2 accumulation micro-batches whose valid-token counts
+differ; the step's update (SGD, lr 1, so update = -gradient) must equal the gradient of the
+summed token loss over all 4 rows divided by their total valid tokens, computed by a plain
+model in this process. The same run checks that ZeRO-3 really partitions: each rank holds
+about half of the parameters' elements.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from omnilong.config import LossParams, TrainParams
+from omnilong.train.batches import collate
+from omnilong.train.training_module import TrainingModule, language_model_positions
+
+pytestmark = pytest.mark.slow
+
+FAMILY = "qwen2_5_vl"
+SEQ_LEN = 48
+WORLD = 2
+ACCUMULATION = 2
+
+
+def _rows(vocab_size: int) -> list[dict]:
+    """4 packed rows with several documents, padding and different numbers of valid labels."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for row_no, doc_lens in enumerate([[20, 20], [30, 10], [48], [12, 12, 12]]):
+        input_ids = torch.randint(0, vocab_size, (SEQ_LEN,), generator=generator)
+        labels = input_ids.clone()
+        start = 0
+        for n in doc_lens:
+            labels[start] = -100  # the packer masks each document's first token
+            start += n
+        labels[start:] = -100  # padding
+        labels[: 4 * row_no] = -100  # a masked prompt of a different length per row
+        positions = torch.cat([torch.arange(n) for n in doc_lens] + [torch.arange(SEQ_LEN - start)])
+        rows.append({"input_ids": input_ids, "labels": labels, "position_ids": positions,
+                     "doc_lens": torch.tensor(doc_lens)})
+    return rows
+
+
+def _batch_kwargs(batch) -> dict:
+    return {"input_ids": batch.input_ids, "labels": batch.labels,
+            "position_ids": language_model_positions(FAMILY, batch.position_ids, batch.doc_lens)}
+
+
+def _worker(rank: int, port: int, model_dir: str, queue) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    import deepspeed
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from omnilong.loss.head import ChunkedLMHeadLoss
+    from omnilong.models.loading import load_model
+    from omnilong.train.deepspeed_config import deepspeed_config
+    from omnilong.train.runner import train_step
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    train = TrainParams(grad_accum_steps=ACCUMULATION, micro_batch_size=1, grad_clip=1e9)
+    config = deepspeed_config(train, data_parallel_size=WORLD, on_gpu=False)
+    hf_config = HfDeepSpeedConfig(config)  # noqa: F841  (from_pretrained partitions while it lives)
+    model = load_model(model_dir, dtype=torch.float32)
+    module = TrainingModule(model, FAMILY, LossParams(chunk_tokens=16))
+    deepspeed.utils.set_z3_leaf_modules(module, [ChunkedLMHeadLoss])
+    engine, *_ = deepspeed.initialize(
+        model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config
+    )
+    local = sum(p.ds_tensor.numel() for p in module.parameters())
+    total = sum(p.ds_numel for p in module.parameters())
+
+    def gathered() -> dict[str, torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            return {name: p.detach().clone() for name, p in module.model.named_parameters()}
+
+    before = gathered()
+    rows = _rows(model.config.text_config.vocab_size)
+    # Rank r trains rows 2r and 2r+1, one per micro-batch.
+    batches = [collate([rows[ACCUMULATION * rank + micro]], family=FAMILY, model_config=model.config,
+                       video_params=None) for micro in range(ACCUMULATION)]
+    loss, _ = train_step(engine, batches, FAMILY, torch.device("cpu"))
+    after = gathered()
+    # numpy arrays travel by value; tensors would be shared through this (exiting) process.
+    update = {name: (before[name] - after[name]).numpy() for name in before}
+    queue.put((rank, local, total, loss, update if rank == 0 else None))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def zero3_step(tiny_model_dir):
+    model_dir = tiny_model_dir(FAMILY)
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, port, str(model_dir), queue)) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    results = sorted(queue.get(timeout=600) for _ in range(WORLD))
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    return model_dir, results
+
+
+def test_zero3_partitions_parameters_across_ranks(zero3_step):
+    _, results = zero3_step
+    totals = {total for _, _, total, _, _ in results}
+    assert len(totals) == 1
+    [total] = totals
+    for _, local, _, _, _ in results:
+        assert 0.45 * total <= local <= 0.55 * total
+
+
+def test_step_update_equals_single_process_gradient(zero3_step):
+    from omnilong.models.loading import load_model
+
+    model_dir, results = zero3_step
+    update = results[0][4]
+    model = load_model(model_dir, dtype=torch.float32)
+    module = TrainingModule(model, FAMILY, LossParams(impl="reference"))
+    rows = _rows(model.config.text_config.vocab_size)
+    loss_sum = valid = 0
+    for row in rows:
+        batch = collate([row], family=FAMILY, model_config=model.config, video_params=None)
+        row_loss, row_valid = module(**_batch_kwargs(batch))
+        loss_sum, valid = loss_sum + row_loss, valid + row_valid
+    (loss_sum / valid).backward()
+
+    assert results[0][3] == pytest.approx(float(loss_sum.detach() / valid), rel=1e-5)
+    gradients = dict(model.named_parameters())
+    assert set(update) == set(gradients)
+    largest = max(float(p.grad.abs().max()) for p in gradients.values() if p.grad is not None)
+    assert largest > 1e-3  # gradients that are not tiny
+    for name, param in gradients.items():
+        expected = param.grad if param.grad is not None else torch.zeros_like(param)
+        torch.testing.assert_close(torch.from_numpy(update[name]), expected, rtol=1e-4, atol=1e-6, msg=name)
