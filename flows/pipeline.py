@@ -23,8 +23,9 @@ from pathlib import Path
 import networkx as nx
 from dvc.repo import Repo
 from prefect import flow, get_run_logger, task
+from prefect.context import get_run_context
 
-from omnilong.config import STAGE_NAMES, Params, load_params
+from omnilong.config import STAGE_NAMES, Params, load_params, parse_params
 from omnilong.data.shards import read_index
 from omnilong.tracking.registry import REGISTRATION_FILE
 from omnilong.tracking.runs import PARENT_RUN_ENV, create_run
@@ -44,11 +45,8 @@ def stages_for(repo_root: Path, target: str) -> list[str]:
         return [stage.addressing for stage in reversed(list(nx.topological_sort(needed)))]
 
 
-@task(retries=2, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
-def repro_stage(stage: str, repo_root: Path, parent_run_id: str) -> None:
+def _stream(command: list[str], repo_root: Path, env: dict[str, str]) -> None:
     logger = get_run_logger()
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
     with subprocess.Popen(
         command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
@@ -56,7 +54,13 @@ def repro_stage(stage: str, repo_root: Path, parent_run_id: str) -> None:
         for line in proc.stdout:
             logger.info(line.rstrip())
     if proc.returncode != 0:
-        raise RuntimeError(f"`dvc repro --single-item {stage}` exited with {proc.returncode}")
+        raise RuntimeError(f"`{' '.join(command[2:])}` exited with {proc.returncode}")
+
+
+@task(retries=2, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
+def repro_stage(stage: str, repo_root: Path, parent_run_id: str) -> None:
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    _stream(command, repo_root, {**os.environ, PARENT_RUN_ENV: parent_run_id})
 
 
 def link_registered_model(stage: str, repo_root: Path, parent_run_id: str) -> dict:
@@ -81,9 +85,23 @@ def packed_summary(params: Params, repo_root: Path) -> str:
     return "\n".join(lines)
 
 
+@task(task_run_name="dvc exp run {name}")
+def run_experiment(name: str, target: str, overrides: dict[str, object], repo_root: Path, parent_run_id: str) -> None:
+    """The pipeline with parameter overrides, as a DVC experiment in a temporary copy of the
+    project: the overrides are recorded with the experiment and params.yaml is left untouched."""
+    sets = [arg for key, value in overrides.items() for arg in ("--set-param", f"{key}={json.dumps(value)}")]
+    command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name, *sets, target]
+    _stream(command, repo_root, {**os.environ, PARENT_RUN_ENV: parent_run_id})
+
+
 @flow(name="omnilong", log_prints=True)
-def omnilong_pipeline(variant: str = "full", repo_root: Path = Path(".")) -> None:
-    """The OmniLong recipe on params.yaml: `full` (stages 1-3) or `no-stage2` (the ablation)."""
+def omnilong_pipeline(
+    variant: str = "full", overrides: dict[str, object] | None = None, repo_root: Path = Path(".")
+) -> None:
+    """The OmniLong recipe on params.yaml: `full` (stages 1-3) or `no-stage2` (the ablation).
+
+    `overrides` ({"stages.stage1.train.max_steps": 2, ...}) runs it as a DVC experiment instead.
+    """
     from mlflow import MlflowClient
 
     if variant not in VARIANT_TARGETS:
@@ -93,6 +111,25 @@ def omnilong_pipeline(variant: str = "full", repo_root: Path = Path(".")) -> Non
     params = load_params(repo_root / "params.yaml")  # dvc.yaml's stages read this file
     started = time.monotonic()
     parent_run_id = create_run(params, f"pipeline-{variant}", {"omnilong.variant": variant})
+
+    if overrides:
+        # Fail on a bad override here, before DVC copies the project.
+        patched = params.model_dump(mode="json")
+        for key, value in overrides.items():
+            *parents, leaf = key.split(".")
+            node = patched
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        parse_params(patched, source="overrides")
+        # The experiment runs in a copy of the project: it must track into this project's store.
+        overrides = {"tracking.uri": tracking_uri(params.tracking, repo_root), **overrides}
+        name = f"{variant}-{get_run_context().flow_run.name}"
+        run_experiment(name, VARIANT_TARGETS[variant], overrides, repo_root, parent_run_id)
+        MlflowClient().set_terminated(parent_run_id)
+        print(f"experiment {name} finished in {time.monotonic() - started:.0f} s; "
+              f"`dvc exp show` compares it, `dvc exp apply {name}` brings its outputs here")
+        return
 
     registered = []
     for stage in stages_for(repo_root, VARIANT_TARGETS[variant]):

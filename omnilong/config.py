@@ -111,6 +111,8 @@ class ModelParams(_Params):
     family: Family = "qwen2_5_vl"
     path: Annotated[str, Field(min_length=1)]
     """Local directory of a Hugging Face model (real weights, or the tiny one built by DVC)."""
+    rope_theta: Annotated[float, Field(gt=0)] | None = None
+    """Override of the language model's RoPE base for long contexts; null keeps the model's."""
     tiny: TinyModelParams = TinyModelParams()
     video: VideoTokenParams = VideoTokenParams()
 
@@ -229,10 +231,21 @@ class LossParams(_Params):
     """Logits become softcap * tanh(logits / softcap) before the softmax; null: off."""
 
 
+class ContextStep(_Params):
+    """From optimizer step `from_step` on, train on rows of `seq_len` tokens."""
+
+    from_step: NonNegativeInt
+    seq_len: PositiveInt
+
+
 class StageParams(_Params):
     corpora: Annotated[list[CorpusName], Field(min_length=1)] = ["default"]
     """Corpora under `data.raw_dir`: `default`, or the name of one added with `omnilong data add`."""
     seq_len: PositiveInt = 512
+    """Row length of the packed data; the longest context of the stage."""
+    context_schedule: list[ContextStep] = []
+    """Progressive context growth (e.g. 64K -> 128K -> 256K -> 512K); empty: `seq_len` throughout.
+    The data is packed once per scheduled length; the last entry's seq_len must equal `seq_len`."""
     sp_size: PositiveInt = 1
     """Sequence-parallel group size: ranks that share one sequence."""
     frames_per_video: PositiveInt | None = None
@@ -241,7 +254,7 @@ class StageParams(_Params):
     loss: LossParams = LossParams()
 
     @model_validator(mode="after")
-    def _seq_len_shards_evenly(self) -> StageParams:
+    def _seq_lens_shard_evenly(self) -> StageParams:
         # Zigzag sharding splits the sequence into 2 * sp_size equal chunks.
         if self.seq_len % (2 * self.sp_size):
             raise _FieldError(
@@ -249,7 +262,32 @@ class StageParams(_Params):
                 f"a multiple of 2 x sp_size = {2 * self.sp_size}, so zigzag sharding gives equal chunks",
                 self.seq_len,
             )
+        if not self.context_schedule:
+            return self
+        steps = [entry.from_step for entry in self.context_schedule]
+        if steps[0] != 0 or steps != sorted(set(steps)):
+            raise _FieldError("context_schedule", "from_step values increasing from 0", steps)
+        for i, entry in enumerate(self.context_schedule):
+            if entry.seq_len % (2 * self.sp_size):
+                raise _FieldError(
+                    f"context_schedule.{i}.seq_len", f"a multiple of 2 x sp_size = {2 * self.sp_size}", entry.seq_len
+                )
+        if self.context_schedule[-1].seq_len != self.seq_len:
+            raise _FieldError(
+                "context_schedule", f"a last entry with seq_len = seq_len ({self.seq_len})",
+                self.context_schedule[-1].seq_len,
+            )
         return self
+
+    def seq_len_at(self, step: int) -> int:
+        """The row length trained on at optimizer step `step`."""
+        active = [entry.seq_len for entry in self.context_schedule if entry.from_step <= step]
+        return active[-1] if active else self.seq_len
+
+    @property
+    def packed_lengths(self) -> list[int]:
+        """Every row length the stage trains on; the data is packed once for each."""
+        return sorted({self.seq_len, *(entry.seq_len for entry in self.context_schedule)})
 
 
 class StagesParams(_Params):
@@ -311,6 +349,13 @@ class Params(_Params):
                     f"stages.{name}.sp_size",
                     f"a divisor of the world size {world} "
                     f"(parallel.nnodes x parallel.nproc_per_node)",
+                    stage.sp_size,
+                )
+            if STAGE_KIND[name] == "video" and stage.sp_size > 1:
+                raise _FieldError(
+                    f"stages.{name}.sp_size",
+                    "1 for a video stage (sequence parallelism of video, with sharded vision encoding, "
+                    "is not implemented yet)",
                     stage.sp_size,
                 )
             if STAGE_KIND[name] == "video" and stage.frames_per_video is None:

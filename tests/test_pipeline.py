@@ -132,3 +132,57 @@ def test_outputs_round_trip_through_the_local_remote(tiny_ablation, tmp_path):
         assert (clone / path).read_bytes() == (tiny_ablation / path).read_bytes()
     status = _dvc(clone, "status", "--json")
     assert json.loads(status.stdout) == {}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_deployment_with_overrides_runs_on_a_prefect_server(tiny_ablation, mlflow_client):
+    """Last in this module: the experiment moves the @stage3 alias the tests above look at."""
+    import os
+    import signal
+    import time
+
+    port = _free_port()
+    env = {**project_env(tiny_ablation), "OMNILONG_PREFECT_PORT": str(port),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    params_before = (tiny_ablation / "params.yaml").read_bytes()
+    log = tiny_ablation / "serve.log"
+    with open(log, "w") as log_file:
+        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=tiny_ablation, env=env,
+                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "prefect deployment run" not in log.read_text() and time.monotonic() < deadline:
+            assert serve.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        overrides = {"stages.stage3.train.max_steps": 2}
+        run = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "omnilong/full",
+             "--params", json.dumps({"overrides": overrides}), "--watch", "--watch-timeout", "900"],
+            cwd=tiny_ablation, env=env, capture_output=True, text=True, timeout=1000,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Completed" in run.stdout
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+    # Stopping the serve process stopped its Prefect server too.
+    with pytest.raises(OSError):
+        import urllib.request
+
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+
+    # The override is recorded the DVC way (an experiment), never in the committed params.yaml.
+    assert (tiny_ablation / "params.yaml").read_bytes() == params_before
+    experiments = _dvc(tiny_ablation, "exp", "show", "--json")
+    assert experiments.returncode == 0, experiments.stderr
+    assert '"max_steps": 2' in experiments.stdout
+    # The experiment's stage 3 trained 2 steps and registered under the main name.
+    version = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "stage3")
+    assert len(mlflow_client.get_metric_history(version.run_id, "train/loss")) == 2

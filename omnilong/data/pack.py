@@ -177,11 +177,20 @@ def _write_shard(
     return videos, int(np.count_nonzero(labels != IGNORE_INDEX))
 
 
+def scheduled_dir(stage_dir: Path, seq_len: int) -> Path:
+    """Where the rows of one scheduled length live inside a stage's packed directory."""
+    return stage_dir / f"len{seq_len}"
+
+
 def pack_stage(
     params: Params, stage: StageName, root: Path = Path("."), rows_per_shard: int | None = None
 ) -> None:
-    """Pack `tokenized_dir/<stage>/` into `packed_dir/<stage>/`, replacing it atomically."""
-    seq_len = params.stages[stage].seq_len
+    """Pack `tokenized_dir/<stage>/` into `packed_dir/<stage>/`, replacing it atomically.
+
+    Rows of the stage's `seq_len` fill the directory itself; each other length of its
+    `context_schedule` is packed from the same documents into `len<seq_len>/`.
+    """
+    stage_params = params.stages[stage]
     tokenized_dir = root / params.data.tokenized_dir / stage
     tokenized = load_tokenized(tokenized_dir)
     if tokenized.index.family != params.model.family:
@@ -189,56 +198,65 @@ def pack_stage(
             f"{tokenized_dir / INDEX_FILE}: tokenized for family {tokenized.index.family!r} but "
             f"model.family is {params.model.family!r}; run `omnilong prepare` again"
         )
-    rows_per_shard = rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len)
     mrope_config = None
     if params.model.family == "qwen2_5_vl" and STAGE_KIND[stage] == "video":
         mrope_config = AutoConfig.from_pretrained(root / params.model.path)
 
+    with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
+        for seq_len in stage_params.packed_lengths:
+            target = staging if seq_len == stage_params.seq_len else scheduled_dir(staging, seq_len)
+            _pack_rows(target, tokenized, stage, seq_len, params.seed, mrope_config,
+                       rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len))
+
+
+def _pack_rows(
+    target: Path, tokenized: TokenizedStage, stage: StageName, seq_len: int, seed: int, mrope_config,
+    rows_per_shard: int,
+) -> None:
     pieces = cut_documents(tokenized, seq_len, stage)
     planned = plan_rows(pieces, seq_len)
-    order = np.random.default_rng(params.seed).permutation(len(planned))
+    order = np.random.default_rng(seed).permutation(len(planned))
     rows = [planned[i] for i in order]
 
     shards, videos, trainable_tokens = [], [], 0
-    with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
-        for shard_no, row_start in enumerate(
-            tqdm(range(0, len(rows), rows_per_shard), desc=f"pack {stage}", unit="shard")
-        ):
-            shard_rows = rows[row_start : row_start + rows_per_shard]
-            name = f"{shard_no:05d}"
-            shard_videos, shard_trainable = _write_shard(
-                staging / SHARDS_DIR / name,
-                shard_rows,
-                tokenized,
-                seq_len,
-                tokenized.index.pad_token_id,
-                mrope_config,
-            )
-            shards.append(ShardEntry(name=name, row_start=row_start, row_end=row_start + len(shard_rows)))
-            videos += shard_videos
-            trainable_tokens += shard_trainable
-        real_tokens = sum(piece.length for piece in pieces)
-        # Zero token loss: every tokenized token lands in exactly one row.
-        assert real_tokens == tokenized.index.num_tokens, (real_tokens, tokenized.index.num_tokens)
-        index = PackedIndex(
-            stage=stage,
-            kind=tokenized.index.kind,
-            family=tokenized.index.family,
-            seq_len=seq_len,
-            pad_token_id=tokenized.index.pad_token_id,
-            position_dims=1 if mrope_config is None else 3,
-            num_rows=len(rows),
-            num_shards=len(shards),
-            rows_per_shard=rows_per_shard,
-            shards=shards,
-            stats=PackStats(
-                real_tokens=real_tokens,
-                padding_tokens=len(rows) * seq_len - real_tokens,
-                trainable_tokens=trainable_tokens,
-                documents=len(pieces),
-                source_documents=tokenized.index.num_documents,
-                split_documents=int(np.count_nonzero(tokenized.doc_lengths > seq_len)),
-            ),
-            videos=videos if tokenized.index.kind == "video" else None,
+    for shard_no, row_start in enumerate(
+        tqdm(range(0, len(rows), rows_per_shard), desc=f"pack {stage} ({seq_len} tokens)", unit="shard")
+    ):
+        shard_rows = rows[row_start : row_start + rows_per_shard]
+        name = f"{shard_no:05d}"
+        shard_videos, shard_trainable = _write_shard(
+            target / SHARDS_DIR / name,
+            shard_rows,
+            tokenized,
+            seq_len,
+            tokenized.index.pad_token_id,
+            mrope_config,
         )
-        atomic.write_text(staging / INDEX_FILE, index.model_dump_json(indent=1))
+        shards.append(ShardEntry(name=name, row_start=row_start, row_end=row_start + len(shard_rows)))
+        videos += shard_videos
+        trainable_tokens += shard_trainable
+    real_tokens = sum(piece.length for piece in pieces)
+    # Zero token loss: every tokenized token lands in exactly one row.
+    assert real_tokens == tokenized.index.num_tokens, (real_tokens, tokenized.index.num_tokens)
+    index = PackedIndex(
+        stage=stage,
+        kind=tokenized.index.kind,
+        family=tokenized.index.family,
+        seq_len=seq_len,
+        pad_token_id=tokenized.index.pad_token_id,
+        position_dims=1 if mrope_config is None else 3,
+        num_rows=len(rows),
+        num_shards=len(shards),
+        rows_per_shard=rows_per_shard,
+        shards=shards,
+        stats=PackStats(
+            real_tokens=real_tokens,
+            padding_tokens=len(rows) * seq_len - real_tokens,
+            trainable_tokens=trainable_tokens,
+            documents=len(pieces),
+            source_documents=tokenized.index.num_documents,
+            split_documents=int(np.count_nonzero(tokenized.doc_lengths > seq_len)),
+        ),
+        videos=videos if tokenized.index.kind == "video" else None,
+    )
+    atomic.write_text(target / INDEX_FILE, index.model_dump_json(indent=1))

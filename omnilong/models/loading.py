@@ -29,11 +29,20 @@ def _model_dir(path: str | Path, needed: str) -> Path:
     return path
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
-    """The family's `...ForConditionalGeneration`; `dtype=None` keeps the checkpoint's dtype."""
+def load_model(
+    path: str | Path, dtype: torch.dtype | str | None = None, rope_theta: float | None = None
+) -> PreTrainedModel:
+    """The family's `...ForConditionalGeneration`; `dtype=None` keeps the checkpoint's dtype.
+
+    `rope_theta` replaces the language model's RoPE base (long-context training raises it); the
+    model saved afterwards carries the new value in its config.
+    """
     path = _model_dir(path, "config.json")
-    family = family_for_config(AutoConfig.from_pretrained(path))
-    return family.model_class.from_pretrained(path, dtype=dtype)
+    config = AutoConfig.from_pretrained(path)
+    if rope_theta is not None:
+        text_config = getattr(config, "text_config", config)
+        text_config.rope_parameters = {**text_config.rope_parameters, "rope_theta": rope_theta}
+    return family_for_config(config).model_class.from_pretrained(path, config=config, dtype=dtype)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

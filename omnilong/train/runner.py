@@ -13,6 +13,7 @@ world_size * grad_accum_steps / global_valid_tokens so the result is exactly tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from omnilong.config import STAGE_NAMES, Params, StageName, load_params
+from omnilong.parallel.mesh import build_mesh
 from omnilong.train import checkpoint
-from omnilong.train.batches import MicroBatch, micro_batches
+from omnilong.train.batches import IGNORE_INDEX, MicroBatch, micro_batches
 from omnilong.train.deepspeed_config import deepspeed_config, resolve_precision
 from omnilong.train.schedule import lr_factor
 from omnilong.train.step_log import StepLogger
@@ -64,7 +66,7 @@ def init_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def build_engine(params: Params, run: StageRun, device: torch.device):
+def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_attention: bool):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -79,7 +81,13 @@ def build_engine(params: Params, run: StageRun, device: torch.device):
     # no rank ever holds all the weights.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if resolve_precision(train, on_gpu) == "bf16" else torch.float32
-    model = load_model(run.init_dir, dtype=dtype)
+    model = load_model(run.init_dir, dtype=dtype, rope_theta=params.model.rope_theta)
+    if ring_attention:
+        from omnilong.parallel.hf_adapter import register_ring_attention
+
+        # Applied from outside: the language model's causal attention becomes ring attention;
+        # the vision tower's non-causal calls stay local (see hf_adapter).
+        model.set_attn_implementation(register_ring_attention())
     if train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.finetune == "lora":
@@ -97,14 +105,45 @@ def build_engine(params: Params, run: StageRun, device: torch.device):
     return engine, ds_config, hf_ds_config
 
 
-def _forward_inputs(batch: MicroBatch, family, device: torch.device) -> dict[str, torch.Tensor]:
-    inputs = {
-        "input_ids": batch.input_ids,
-        "labels": batch.labels,
-        "position_ids": language_model_positions(family, batch.position_ids, batch.doc_lens),
-        **batch.videos,
-    }
-    return {key: value.to(device) for key, value in inputs.items()}
+@dataclass(frozen=True)
+class SequenceParallel:
+    """This rank's place in its sequence-parallel group, for sharding each micro-batch."""
+
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+    backend: str
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch as this rank feeds it to the model: its shard of the sequence when
+    sequence-parallel, and the ring-attention context that shard needs."""
+
+    model_kwargs: dict[str, torch.Tensor]
+    attention: contextlib.AbstractContextManager
+
+    @property
+    def num_valid(self) -> int:
+        return int((self.model_kwargs["labels"] != IGNORE_INDEX).sum())
+
+
+def step_inputs(batch: MicroBatch, family, device: torch.device, sp: SequenceParallel | None) -> StepInputs:
+    # Positions and shifted labels are those of the full rows: computed before any sharding.
+    positions = language_model_positions(family, batch.position_ids, batch.doc_lens)
+    if sp is None:
+        kwargs = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": positions, **batch.videos}
+        attention: contextlib.AbstractContextManager = contextlib.nullcontext()
+    else:
+        from omnilong.parallel.hf_adapter import ring_attention_context
+        from omnilong.parallel.sample import shard_sample
+        from omnilong.parallel.zigzag import SequenceLayout
+
+        layout = SequenceLayout(batch.input_ids.shape[1], sp.size)
+        shard = shard_sample(batch.input_ids, batch.labels, positions, batch.doc_lens, layout, sp.rank)
+        kwargs = {"input_ids": shard.inputs, "labels": shard.labels, "position_ids": shard.position_ids}
+        attention = ring_attention_context(shard.documents, sp.group, sp.backend)
+    return StepInputs({key: value.to(device) for key, value in kwargs.items()}, attention)
 
 
 def _all_reduce_sum(value: float, device: torch.device) -> float:
@@ -113,43 +152,52 @@ def _all_reduce_sum(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def train_step(engine, batches: list[MicroBatch], family, device: torch.device) -> tuple[float, float]:
+def train_step(
+    engine, batches: list[MicroBatch], family, device: torch.device, sp: SequenceParallel | None = None
+) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches -> (loss of the step, tokens of the step).
 
-    The loss is normalised by the valid tokens of the whole step, summed over every rank and
-    micro-batch (see the module docstring for why each loss sum is scaled as it is).
+    The loss is normalised by the valid tokens of the whole step, summed over every rank (each
+    counts its own shard) and micro-batch; see the module docstring for the scaling.
     """
     world, accumulation = dist.get_world_size(), len(batches)
-    global_valid = _all_reduce_sum(sum(b.num_valid for b in batches), device)
-    global_tokens = _all_reduce_sum(sum(b.num_tokens for b in batches), device)
+    inputs = [step_inputs(batch, family, device, sp) for batch in batches]
+    global_valid = _all_reduce_sum(sum(step.num_valid for step in inputs), device)
+    # Every rank of a sequence-parallel group reads the same rows: count them once.
+    global_tokens = _all_reduce_sum(sum(b.num_tokens for b in batches), device) / (sp.size if sp else 1)
     scale = world * accumulation / max(global_valid, 1.0)
     loss_sum_local = 0.0
-    for batch in batches:
-        loss_sum, _ = engine(**_forward_inputs(batch, family, device))
-        engine.backward(loss_sum * scale)
+    for step in inputs:
+        # Backward runs ring attention too (and recomputes checkpointed layers): same context.
+        with step.attention:
+            loss_sum, _ = engine(**step.model_kwargs)
+            engine.backward(loss_sum * scale)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         loss_sum_local += float(loss_sum.detach())
     return _all_reduce_sum(loss_sum_local, device) / max(global_valid, 1.0), global_tokens
 
 
 def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
+    from omnilong.data.pack import scheduled_dir
     from omnilong.data.shards import PackedShards, read_index
     from omnilong.train.export import export_hf_model
 
     device = init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
     stage = params.stages[run.stage]
     train = stage.train
-    if stage.sp_size != 1:
-        raise NotImplementedError(
-            f"stages.{run.stage}.sp_size: sequence parallelism (ring attention) is not wired into "
-            f"the runner yet; set it to 1"
-        )
-    dp_rank, dp_size = rank, world
+    mesh = build_mesh(stage, device.type)
+    sp = (
+        SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp_size, params.parallel.ring_attention)
+        if mesh.sp_size > 1 else None
+    )
 
     packed_dir = Path(params.data.packed_dir) / run.stage
-    dataset = training_rows(PackedShards(packed_dir), params.eval.heldout_rows, packed_dir)
-    engine, ds_config, hf_ds_config = build_engine(params, run, device)
+    datasets = {
+        seq_len: training_rows(PackedShards(directory), params.eval.heldout_rows, directory)
+        for seq_len in stage.packed_lengths
+        for directory in [packed_dir if seq_len == stage.seq_len else scheduled_dir(packed_dir, seq_len)]
+    }
+    engine, ds_config, hf_ds_config = build_engine(params, run, device, ring_attention=sp is not None)
     model_config = engine.module.model.config
 
     inputs_fingerprint = checkpoint.fingerprint(
@@ -169,13 +217,13 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     for step in range(start_step, train.max_steps):
         started = time.perf_counter()
         batches = micro_batches(
-            dataset, step=step, micro_batch_size=train.micro_batch_size, grad_accum_steps=train.grad_accum_steps,
-            dp_rank=dp_rank, dp_size=dp_size, seed=params.seed + train.seed,
+            datasets[stage.seq_len_at(step)], step=step, micro_batch_size=train.micro_batch_size, grad_accum_steps=train.grad_accum_steps,
+            dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, seed=params.seed + train.seed,
             family=params.model.family, model_config=model_config, video_params=params.model.video,
         )
-        loss, global_tokens = train_step(engine, batches, params.model.family, device)
+        loss, global_tokens = train_step(engine, batches, params.model.family, device, sp)
         logger.step(
-            step, loss=loss, lr=engine.get_lr()[0], tokens=global_tokens,
+            step, seq_len=stage.seq_len_at(step), loss=loss, lr=engine.get_lr()[0], tokens=global_tokens,
             seconds=time.perf_counter() - started, grad_norm=engine.get_global_grad_norm(),
         )
         next_step = step + 1

@@ -1,0 +1,53 @@
+"""The real-run recipes validate (paths aside), and the context schedule means what it says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from omnilong.cli import app
+from omnilong.config import ConfigError, StageParams, load_params
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_there_is_a_recipe_per_family():
+    assert {load_params(path).model.family for path in RECIPES} == {"qwen2_5_vl", "llava_onevision"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[path.stem for path in RECIPES])
+def test_recipe_validates_without_its_paths(recipe):
+    result = CliRunner().invoke(app, ["config", "check", "--skip-path-checks", str(recipe)])
+    assert result.exit_code == 0, result.output
+    params = load_params(recipe)
+    stage1 = params.stages.stage1
+    assert stage1.packed_lengths == [65536, 131072, 262144, 524288]
+    assert params.model.rope_theta is not None
+    assert all(params.stages[name].sp_size == 8 for name in ("stage1", "stage2", "stage3"))
+    # The model and corpora exist only on the training machine: the full check names them.
+    with pytest.raises(ConfigError, match=r"model\.path"):
+        load_params(recipe, check_paths=True)
+
+
+def test_context_schedule_steps():
+    stage = StageParams(seq_len=1024, sp_size=2, context_schedule=[
+        {"from_step": 0, "seq_len": 256}, {"from_step": 6, "seq_len": 512}, {"from_step": 12, "seq_len": 1024}])
+    assert [stage.seq_len_at(step) for step in (0, 5, 6, 11, 12, 100)] == [256, 256, 512, 512, 1024, 1024]
+    assert stage.packed_lengths == [256, 512, 1024]
+
+
+@pytest.mark.parametrize(("schedule", "key"), [
+    ([{"from_step": 5, "seq_len": 256}, {"from_step": 9, "seq_len": 1024}], "context_schedule"),
+    ([{"from_step": 0, "seq_len": 256}, {"from_step": 0, "seq_len": 1024}], "context_schedule"),
+    ([{"from_step": 0, "seq_len": 256}, {"from_step": 4, "seq_len": 512}], "context_schedule"),
+    ([{"from_step": 0, "seq_len": 258}, {"from_step": 4, "seq_len": 1024}], "context_schedule.0.seq_len"),
+])
+def test_bad_schedule_names_the_key(schedule, key):
+    from omnilong.config import parse_params
+
+    raw = load_params(RECIPES[0]).model_dump(mode="json")
+    raw["stages"]["stage1"].update(seq_len=1024, sp_size=2, context_schedule=schedule)
+    with pytest.raises(ConfigError, match=rf"stages\.stage1\.{key.replace('.', chr(92) + '.')}:"):
+        parse_params(raw)
