@@ -2,7 +2,8 @@
 
 Each line shows loss, learning rate, tokens/s and the peak memory of every rank. Rank 0 owns the
 stage's MLflow run (omnilong/tracking/runs.py); a resumed stage keeps logging to the run it
-started, so a curve has no gap or duplicate steps.
+started, so its curve has no gap. Steps between the last checkpoint and a crash are logged
+again when they are redone: MLflow keeps both points of such a step, the later one is current.
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ class StepLogger:
         )
         from mlflow import MlflowClient
 
+        adapter = self.run.out_dir / "adapter"
+        if adapter.is_dir():  # a LoRA stage: the adapter alone, beside the merged model
+            MlflowClient().log_artifacts(self.run_id, str(adapter), artifact_path="adapter")
         MlflowClient().set_terminated(self.run_id)
         print(f"[{self.run.stage}] registered {record['name']} version {record['version']} "
               f"as @{record['alias']} (lineage {' > '.join(record['lineage'])})", flush=True)

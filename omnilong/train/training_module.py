@@ -55,7 +55,9 @@ class TrainingModule(nn.Module):
         **multimodal: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss summed over this rank's valid tokens, their count)."""
-        hidden_BLH = self.model.model(
+        # The decoder without the LM head; under LoRA, that of the model PEFT wraps.
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden_BLH = model.model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False, **multimodal
         ).last_hidden_state
         return self.loss_head(hidden_BLH.flatten(0, 1), labels.flatten())
