@@ -299,22 +299,18 @@ class StagesParams(_Params):
         return getattr(self, name)
 
 
+DepthPercents = Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=1)]
+"""Where a needle goes, in percent of the haystack."""
+
+
 class NiahParams(_Params):
     context_lengths: Annotated[list[PositiveInt], Field(min_length=1)] = [256, 512]
-    depths: Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=1)] = [
-        0.0,
-        50.0,
-        100.0,
-    ]
+    depths: DepthPercents = [0.0, 50.0, 100.0]
 
 
 class VniahParams(_Params):
     frame_counts: Annotated[list[PositiveInt], Field(min_length=1)] = [16, 32]
-    depths: Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=1)] = [
-        0.0,
-        50.0,
-        100.0,
-    ]
+    depths: DepthPercents = [0.0, 50.0, 100.0]
 
 
 class EvalParams(_Params):

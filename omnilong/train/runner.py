@@ -135,11 +135,12 @@ def step_inputs(batch: MicroBatch, family, device: torch.device, sp: SequencePar
         kwargs = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": positions, **batch.videos}
         attention: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
+        from omnilong.parallel.attention import sharding_scheme
         from omnilong.parallel.hf_adapter import ring_attention_context
         from omnilong.parallel.sample import shard_sample
         from omnilong.parallel.zigzag import SequenceLayout
 
-        layout = SequenceLayout(batch.input_ids.shape[1], sp.size)
+        layout = SequenceLayout(batch.input_ids.shape[1], sp.size, sharding_scheme(sp.backend, batch.doc_lens))
         shard = shard_sample(batch.input_ids, batch.labels, positions, batch.doc_lens, layout, sp.rank)
         kwargs = {"input_ids": shard.inputs, "labels": shard.labels, "position_ids": shard.position_ids}
         attention = ring_attention_context(shard.documents, sp.group, sp.backend)
