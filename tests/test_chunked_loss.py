@@ -2,7 +2,8 @@
 
 Tolerances: fp64 rtol=atol=1e-10; fp32 rtol=atol=1e-5 (the issue's bar); bf16 rtol=1.6e-2 with
 atol = 2e-2 x max|reference| (both paths round their matmul outputs and the gradients to bf16),
-and, beside it, ours may not be less accurate than the reference against an fp64 truth.
+and, beside it, ours may not be less accurate than the reference against an fp64 truth (the
+hidden gradient: within 2.5x, as ours rounds it once more when the upstream gradient is not 1).
 Inputs are scaled so the logits spread over several units and the upstream gradient is 1.7,
 so no gradient is trivially small or only checked at scale 1.
 """
@@ -98,13 +99,30 @@ def test_options_match_reference(options, ignored):
             torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-5, atol=1e-5)
 
 
+def test_fp32_at_qwen_vocab_is_no_less_accurate_than_reference():
+    """At V=151,936 the hidden gradient is a 151,936-term fp32 sum in either path; both are
+    judged against an fp64 truth on the same fp32 values (ours is usually ~10x closer)."""
+    masters = make_inputs(64, 64, 151_936, ignored="some", bias=True)
+    fp32 = [t.float() for t in masters[:3]] + [masters[3]]
+    truth = loss_and_grads(*[t.double() for t in fp32[:3]], masters[3], impl="reference")
+    ours = loss_and_grads(*fp32, chunk_tokens=16)
+    reference = loss_and_grads(*fp32, impl="reference")
+    names = ["loss", "hidden_grad", "weight_grad", "bias_grad"]
+    for name, o, r, t in zip(names, [ours[0], *ours[2]], [reference[0], *reference[2]], [truth[0], *truth[2]]):
+        scale = t.abs().max().item()
+        ours_error = (o.double() - t).abs().max().item() / scale
+        reference_error = (r.double() - t).abs().max().item() / scale
+        assert ours_error <= max(1.2 * reference_error, 1e-6), (name, ours_error, reference_error)
+
+
 @pytest.mark.parametrize("options", ["plain", "all"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_bf16_matches_reference_and_is_no_less_accurate(options, seed):
     n, h, v, chunk = 300, 64, 3001, 32
     masters = make_inputs(n, h, v, ignored="some", bias=True, seed=seed)
     # The truth: fp64 on the very values bf16 holds.
-    truth = loss_and_grads(*[t.bfloat16().double() for t in masters[:3]], masters[3], impl="reference", **OPTIONS[options])
+    bf16_values = [t.bfloat16().double() for t in masters[:3]]
+    truth = loss_and_grads(*bf16_values, masters[3], impl="reference", **OPTIONS[options])
     bf16 = [t.bfloat16() for t in masters[:3]] + [masters[3]]
     ours = loss_and_grads(*bf16, chunk_tokens=chunk, **OPTIONS[options])
     reference = loss_and_grads(*bf16, impl="reference", **OPTIONS[options])
@@ -151,7 +169,9 @@ def test_no_tensor_of_tokens_by_vocab(dtype, options):
     hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
 
     def forward_backward(impl: str) -> None:
-        loss_sum, _ = linear_cross_entropy(hidden, weight, labels, bias, chunk_tokens=chunk, impl=impl, **OPTIONS[options])
+        loss_sum, _ = linear_cross_entropy(
+            hidden, weight, labels, bias, chunk_tokens=chunk, impl=impl, **OPTIONS[options]
+        )
         (UPSTREAM_GRAD * loss_sum).backward()
 
     op, numel = largest_tensor_during(lambda: forward_backward("chunked"))
@@ -330,4 +350,4 @@ def test_quick_benchmark_reports_flat_memory(tmp_path):
     assert max(ours) < 1.5 * min(ours), "our transient memory grows with N"
     assert reference[-1] > 1.6 * reference[0], "the reference's transient memory should grow with N"
     assert result["memory_ratio"] < 0.5 and result["total_memory_ratio"] < 0.6
-    assert set(result["max_rel_diff_vs_reference"]) == set(result["transient_mib"]["reference"])
+    assert set(result["agreement"]) == set(result["transient_mib"]["reference"])

@@ -21,7 +21,9 @@ scales them. The logits are made once (recomputing them in backward would cost a
 matmul work) and at most one chunk of them, turned in place into its own gradient, exists at
 any moment. Only valid tokens are processed: ignored rows cost nothing and get zero gradient.
 Low-precision inputs (bf16, fp16) are multiplied in their dtype; the softmax, the loss and the
-weight/bias gradients are accumulated in fp32 and cast to the parameter dtype in backward.
+weight/bias gradients are accumulated in fp32 and cast to the parameter dtype in backward. The
+hidden gradient is made in the input dtype before the upstream gradient (a loss scale) is
+known: fine for bf16's range; with fp16, its smallest terms may underflow.
 """
 
 from __future__ import annotations

@@ -4,10 +4,13 @@ The module references the model's own `lm_head` (as a child, read at call time),
 keeps one owner, and a head tied to the input embeddings stays tied: its gradient from the loss
 is accumulated by autograd into the shared parameter beside the embedding's own.
 
-Under DeepSpeed ZeRO-3 a module's forward gathers the partitioned parameters it owns directly;
-mark this one a ZeRO-3 leaf, `deepspeed.utils.set_z3_leaf_modules(model, [ChunkedLMHeadLoss])`,
-so its forward gathers the child head's weight once for the whole chunk loop and releases it
-after. Its backward needs no weight: the gradients were made in forward.
+Under DeepSpeed ZeRO-3 a module's forward gathers the partitioned parameters it owns directly,
+not its children's. Make this module part of what `deepspeed.initialize` gets (a container
+holding the model and this module, rather than an attribute of the Hugging Face model, whose
+state dict would then list the head twice) and mark it a ZeRO-3 leaf,
+`deepspeed.utils.set_z3_leaf_modules(container, [ChunkedLMHeadLoss])`: its forward then gathers
+the head's weight once for the whole chunk loop and releases it after. The backward itself
+needs no weight; the gradients were made in forward.
 """
 
 from __future__ import annotations
