@@ -1,10 +1,12 @@
 """The training step under real ZeRO-3 on 2 gloo ranks equals one process on the whole batch.
 
-Each rank trains on its own rows with 2 accumulation micro-batches whose valid-token counts
-differ; the step's update (SGD, lr 1, so update = -gradient) must equal the gradient of the
-summed token loss over all 4 rows divided by their total valid tokens, computed by a plain
-model in this process. The same run checks that ZeRO-3 really partitions: each rank holds
-about half of the parameters' elements.
+Data parallel (sp_size 1): each rank trains its own rows. Sequence parallel (sp_size 2): both
+ranks share each row, half of it each, with ring attention. Either way there are 2
+accumulation micro-batches whose valid-token counts differ, and the step's update (SGD, lr 1,
+so update = -gradient) must equal the gradient of the summed token loss over the step's rows
+divided by their total valid tokens, computed by a plain model (SDPA, reference loss) in this
+process. The same run checks that ZeRO-3 really partitions: each rank holds about half of the
+parameters' elements.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from omnilong.train.training_module import TrainingModule, language_model_positi
 
 pytestmark = pytest.mark.slow
 
-FAMILY = "qwen2_5_vl"
 SEQ_LEN = 48
 WORLD = 2
 ACCUMULATION = 2
@@ -46,12 +47,18 @@ def _rows(vocab_size: int) -> list[dict]:
     return rows
 
 
-def _batch_kwargs(batch) -> dict:
+def _batch_kwargs(batch, family: str) -> dict:
     return {"input_ids": batch.input_ids, "labels": batch.labels,
-            "position_ids": language_model_positions(FAMILY, batch.position_ids, batch.doc_lens)}
+            "position_ids": language_model_positions(family, batch.position_ids, batch.doc_lens)}
 
 
-def _worker(rank: int, port: int, model_dir: str, queue) -> None:
+def _rows_of_rank(rank: int, sp_size: int) -> list[int]:
+    """The row of each micro-batch: a data-parallel rank has its own; a sequence-parallel group shares."""
+    dp_rank = rank // sp_size
+    return [ACCUMULATION * dp_rank + micro for micro in range(ACCUMULATION)]
+
+
+def _worker(rank: int, port: int, model_dir: str, family: str, sp_size: int, queue) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -60,17 +67,25 @@ def _worker(rank: int, port: int, model_dir: str, queue) -> None:
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
 
+    from omnilong.config import StageParams
     from omnilong.loss.head import ChunkedLMHeadLoss
     from omnilong.models.loading import load_model
+    from omnilong.parallel.hf_adapter import register_ring_attention
+    from omnilong.parallel.mesh import build_mesh
     from omnilong.train.deepspeed_config import deepspeed_config
-    from omnilong.train.runner import train_step
+    from omnilong.train.runner import SequenceParallel, train_step
 
     deepspeed.init_distributed(dist_backend="gloo")
     train = TrainParams(grad_accum_steps=ACCUMULATION, micro_batch_size=1, grad_clip=1e9)
     config = deepspeed_config(train, data_parallel_size=WORLD, on_gpu=False)
     hf_config = HfDeepSpeedConfig(config)  # noqa: F841  (from_pretrained partitions while it lives)
     model = load_model(model_dir, dtype=torch.float32)
-    module = TrainingModule(model, FAMILY, LossParams(chunk_tokens=16))
+    mesh = build_mesh(StageParams(seq_len=SEQ_LEN, sp_size=sp_size))
+    sp = None
+    if sp_size > 1:
+        model.set_attn_implementation(register_ring_attention())
+        sp = SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp_size, "torch")
+    module = TrainingModule(model, family, LossParams(chunk_tokens=16))
     deepspeed.utils.set_z3_leaf_modules(module, [ChunkedLMHeadLoss])
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config
@@ -84,10 +99,9 @@ def _worker(rank: int, port: int, model_dir: str, queue) -> None:
 
     before = gathered()
     rows = _rows(model.config.text_config.vocab_size)
-    # Rank r trains rows 2r and 2r+1, one per micro-batch.
-    batches = [collate([rows[ACCUMULATION * rank + micro]], family=FAMILY, model_config=model.config,
-                       video_params=None) for micro in range(ACCUMULATION)]
-    loss, _ = train_step(engine, batches, FAMILY, torch.device("cpu"))
+    batches = [collate([rows[row]], family=family, model_config=model.config, video_params=None)
+               for row in _rows_of_rank(rank, sp_size)]
+    loss, _ = train_step(engine, batches, family, torch.device("cpu"), sp)
     after = gathered()
     # numpy arrays travel by value; tensors would be shared through this (exiting) process.
     update = {name: (before[name] - after[name]).numpy() for name in before}
@@ -102,24 +116,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def zero3_step(tiny_model_dir):
-    model_dir = tiny_model_dir(FAMILY)
+CASES = [("qwen2_5_vl", 1), ("qwen2_5_vl", 2), ("llava_onevision", 2)]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{family}-sp{sp}" for family, sp in CASES])
+def zero3_step(request, tiny_model_dir):
+    family, sp_size = request.param
+    model_dir = tiny_model_dir(family)
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, str(model_dir), queue)) for rank in range(WORLD)]
+    processes = [context.Process(target=_worker, args=(rank, port, str(model_dir), family, sp_size, queue))
+                 for rank in range(WORLD)]
     for process in processes:
         process.start()
     results = sorted(queue.get(timeout=600) for _ in range(WORLD))
     for process in processes:
         process.join(timeout=120)
         assert process.exitcode == 0
-    return model_dir, results
+    return family, sp_size, model_dir, results
 
 
 def test_zero3_partitions_parameters_across_ranks(zero3_step):
-    _, results = zero3_step
+    *_, results = zero3_step
     totals = {total for _, _, total, _, _ in results}
     assert len(totals) == 1
     [total] = totals
@@ -130,15 +149,16 @@ def test_zero3_partitions_parameters_across_ranks(zero3_step):
 def test_step_update_equals_single_process_gradient(zero3_step):
     from omnilong.models.loading import load_model
 
-    model_dir, results = zero3_step
+    family, sp_size, model_dir, results = zero3_step
     update = results[0][4]
     model = load_model(model_dir, dtype=torch.float32)
-    module = TrainingModule(model, FAMILY, LossParams(impl="reference"))
+    module = TrainingModule(model, family, LossParams(impl="reference"))
     rows = _rows(model.config.text_config.vocab_size)
+    step_rows = sorted({row for rank in range(WORLD) for row in _rows_of_rank(rank, sp_size)})
     loss_sum = valid = 0
-    for row in rows:
-        batch = collate([row], family=FAMILY, model_config=model.config, video_params=None)
-        row_loss, row_valid = module(**_batch_kwargs(batch))
+    for row in step_rows:
+        batch = collate([rows[row]], family=family, model_config=model.config, video_params=None)
+        row_loss, row_valid = module(**_batch_kwargs(batch, family))
         loss_sum, valid = loss_sum + row_loss, valid + row_valid
     (loss_sum / valid).backward()
 

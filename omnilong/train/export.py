@@ -11,7 +11,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from omnilong import atomic
 from omnilong.config import Params
@@ -39,12 +41,18 @@ def export_hf_model(engine, run, params: Params) -> None:
             key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")
         }
         trained = engine.module.model
+        # Rank 0 writes plain weights: transformers must stop treating new models as ZeRO-3 ones
+        # (with it on, save_pretrained renames the keys of a given state dict).
+        unset_hf_deepspeed_config()
         with atomic.atomic_dir(run.out_dir / "model") as staging:
             if params.stages[run.stage].train.finetune == "lora":
                 from omnilong.train.lora import save_merged
 
                 save_merged(trained, model_state, run.init_dir, staging, run.out_dir)
             else:
-                trained.save_pretrained(staging, state_dict=model_state, safe_serialization=True)
+                with torch.device("meta"):  # no second copy of the weights: they come from the gather
+                    plain = type(trained)(trained.config)
+                plain.load_state_dict(model_state, strict=True, assign=True)
+                plain.save_pretrained(staging, safe_serialization=True)
             _copy_preprocessing(run.init_dir, staging)
     dist.barrier()

@@ -21,13 +21,11 @@ def add_lora(model, lora: LoraParams):
 def save_merged(peft_model, state: dict[str, torch.Tensor], init_dir: Path, model_dir: Path, out_dir: Path) -> None:
     """Write merged weights to `model_dir` and the adapter alone to `out_dir/adapter` (rank 0 only)."""
     from peft import get_peft_model
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from omnilong import atomic
     from omnilong.models.loading import load_model
 
     # A plain (not partitioned) copy of the base model on rank 0 receives the gathered weights.
-    unset_hf_deepspeed_config()
     base = load_model(init_dir, dtype=next(iter(state.values())).dtype)
     plain = get_peft_model(base, peft_model.peft_config["default"])
     missing, unexpected = plain.load_state_dict(state, strict=False)
