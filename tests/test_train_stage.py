@@ -88,3 +88,49 @@ def test_lora_stage_registers_merged_weights_and_logs_the_adapter(stage1_setup):
     client = _client(root)
     artifacts = {item.path for item in client.list_artifacts(record["run_id"])}
     assert {"adapter", "model"} <= artifacts
+
+
+@pytest.fixture(scope="module")
+def tied_model_dir(stage1_setup):
+    """The tiny model with its LM head tied to the input embeddings (as in Qwen2.5-VL-3B)."""
+    from omnilong.models.loading import load_model
+
+    raw, root = stage1_setup
+    source = root / raw["model"]["path"]
+    model = load_model(source, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.config.get_text_config().tie_word_embeddings = True
+    model.tie_weights()
+    target = root / "tied-model"
+    model.save_pretrained(target)
+    for item in source.iterdir():
+        if not (target / item.name).exists():
+            shutil.copy2(item, target / item.name)
+    return target
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_chunked_and_reference_losses_train_the_same_weights(stage1_setup, tied_model_dir, tied):
+    """3 optimizer steps under ZeRO-3 on 2 ranks: the chunked loss leaves the weights the
+    reference loss (full logits) leaves, tied head or not."""
+    raw, root = stage1_setup
+    raw = json.loads(json.dumps(raw))
+    raw["stages"]["stage1"]["train"].update(max_steps=3, checkpoint_every=3)
+    if tied:
+        raw["model"]["path"] = str(tied_model_dir.relative_to(root))
+    weights = {}
+    for impl in ("chunked", "reference"):
+        raw["stages"]["stage1"]["loss"] = {"impl": impl, "chunk_tokens": 64}
+        name = f"loss-{impl}-{'tied' if tied else 'untied'}"
+        result = _train(root, raw, name, f"runs/{name}", f"checkpoints/{name}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        weights[impl] = load_file(root / f"runs/{name}/model/model.safetensors")
+    initial = load_file(root / raw["model"]["path"] / "model.safetensors")
+    assert weights["chunked"].keys() == weights["reference"].keys()
+    for key, value in weights["reference"].items():
+        torch.testing.assert_close(weights["chunked"][key], value, rtol=1e-4, atol=2e-5, msg=key)
+    head = "lm_head.weight" if "lm_head.weight" in initial else "model.embed_tokens.weight"
+    assert not torch.equal(weights["chunked"][head], initial[head])  # the head did train
+    if tied:
+        assert "lm_head.weight" not in weights["chunked"] or torch.equal(
+            weights["chunked"]["lm_head.weight"], weights["chunked"]["model.embed_tokens.weight"])

@@ -53,6 +53,7 @@ def export_hf_model(engine, run, params: Params) -> None:
                 with torch.device("meta"):  # no second copy of the weights: they come from the gather
                     plain = type(trained)(trained.config)
                 plain.load_state_dict(model_state, strict=True, assign=True)
+                plain.tie_weights()  # assign=True replaced the shared tensor of a tied head
                 plain.save_pretrained(staging, safe_serialization=True)
             _copy_preprocessing(run.init_dir, staging)
     dist.barrier()
