@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import project_env
+from tests.conftest import free_port, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -120,10 +119,12 @@ def test_dvc_is_clean_and_a_second_repro_does_nothing(tiny_ablation):
 def test_outputs_round_trip_through_the_local_remote(tiny_ablation, tmp_path):
     pushed = _dvc(tiny_ablation, "push")
     assert pushed.returncode == 0, pushed.stderr
-    # A second checkout of the same commit gets the outputs from the remote, not by re-running.
+    # What a user commits after a run: DVC has staged dvc.lock and its .gitignore entries.
+    subprocess.run(["git", "commit", "-q", "-m", "pipeline run"], cwd=tiny_ablation,
+                   env=project_env(tiny_ablation), check=True)
+    # A second checkout of that commit gets the outputs from the remote, not by re-running.
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(tiny_ablation), str(clone)], check=True)
-    shutil.copy2(tiny_ablation / "dvc.lock", clone / "dvc.lock")
     remote = (tiny_ablation / ".dvc-remote").resolve()
     assert _dvc(clone, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
     pulled = _dvc(clone, "pull")
@@ -133,9 +134,6 @@ def test_outputs_round_trip_through_the_local_remote(tiny_ablation, tmp_path):
     status = _dvc(clone, "status", "--json")
     assert json.loads(status.stdout) == {}
 
-
-def _free_port() -> int:
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -148,7 +146,7 @@ def test_deployment_with_overrides_runs_on_a_prefect_server(tiny_ablation, mlflo
     import signal
     import time
 
-    port = _free_port()
+    port = free_port()
     env = {**project_env(tiny_ablation), "OMNILONG_PREFECT_PORT": str(port),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     params_before = (tiny_ablation / "params.yaml").read_bytes()

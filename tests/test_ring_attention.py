@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from omnilong.parallel.mesh import build_mesh
 from omnilong.parallel.ring_attention_flash import UNAVAILABLE as FLASH_UNAVAILABLE
 from omnilong.parallel.sample import shard_sample
 from omnilong.parallel.zigzag import SequenceLayout, gather_sequence, shard_sequence, unshard_sequence
+from tests.conftest import free_port
 
 WORKER_TIMEOUT_S = 150  # a hung ring fails the test instead of blocking the suite
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -112,11 +112,6 @@ def run_ring(case: Case, inputs: dict[str, torch.Tensor], layout: SequenceLayout
 # --- multi-process harness ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _bootstrap(rank, worker, world_size, port, out_dir):
     faulthandler.dump_traceback_later(WORKER_TIMEOUT_S, exit=True)
@@ -133,7 +128,7 @@ def _bootstrap(rank, worker, world_size, port, out_dir):
 def spawn(worker, world_size: int, out_dir: Path) -> list:
     """Run `worker(rank, world_size)` in `world_size` fresh gloo processes; their results by rank."""
     mp.start_processes(
-        _bootstrap, args=(worker, world_size, _free_port(), str(out_dir)), nprocs=world_size, start_method="spawn"
+        _bootstrap, args=(worker, world_size, free_port(), str(out_dir)), nprocs=world_size, start_method="spawn"
     )
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
 

@@ -11,8 +11,6 @@ parameters' elements.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -20,6 +18,7 @@ import torch.multiprocessing as mp
 from omnilong.config import LossParams, TrainParams
 from omnilong.train.batches import collate
 from omnilong.train.training_module import TrainingModule, language_model_positions
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -110,11 +109,6 @@ def _worker(rank: int, port: int, model_dir: str, family: str, sp_size: int, que
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 CASES = [("qwen2_5_vl", 1), ("qwen2_5_vl", 2), ("llava_onevision", 2)]
 
@@ -125,7 +119,7 @@ def zero3_step(request, tiny_model_dir):
     model_dir = tiny_model_dir(family)
     context = mp.get_context("spawn")
     queue = context.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [context.Process(target=_worker, args=(rank, port, str(model_dir), family, sp_size, queue))
                  for rank in range(WORLD)]
     for process in processes:

@@ -95,7 +95,12 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
 
         model = add_lora(model, train.lora)
     module = TrainingModule(model, params.model.family, stage.loss)
-    deepspeed.utils.set_z3_leaf_modules(module, [ChunkedLMHeadLoss])
+    if not getattr(model.config, "tie_word_embeddings", False):
+        # The loss reads the head's weight without calling the head: gather it at the loss.
+        # A head tied to the embeddings is not marked: ZeRO-3 then leaves a stray gradient on the
+        # shared parameter and fails its step; unmarked, the shared weight is gathered with the
+        # embeddings (tests/test_train_stage.py checks both cases against the reference loss).
+        deepspeed.utils.set_z3_leaf_modules(module, [ChunkedLMHeadLoss])
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
