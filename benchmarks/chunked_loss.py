@@ -53,8 +53,6 @@ time_ratio <= 0.9. On a GPU, run it again with `--device cuda --dtype bfloat16`.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -66,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from omnilong.atomic import write_text
+from benchmarks.measure import PeakMemory, emit_summary
 from omnilong.loss import auto_chunk_tokens, linear_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,46 +109,6 @@ def make_inputs(variant: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         weight.to(device, dtype).requires_grad_(),
         labels.to(device),
     )
-
-
-class PeakMemory:
-    """Peak memory above a baseline taken at `reset()`: VmHWM on CPU, the CUDA allocator on GPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.baseline = 0
-
-    def reset(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return
-        _trim_heap()
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.baseline = _proc_status_bytes("VmRSS")
-
-    def peak_above_baseline(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated() - self.baseline
-        return _proc_status_bytes("VmHWM") - self.baseline
-
-
-def _proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            value, unit = line.split()[1:3]
-            assert unit == "kB", line
-            return int(value) * 1024
-    raise RuntimeError(f"/proc/self/status: no {key} line (peak RSS needs Linux)")
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: freed heap may stay mapped
-        pass
 
 
 def _sync(device: torch.device) -> None:
@@ -390,11 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.variant:
         print(json.dumps(run_variant(Variant(**json.loads(args.variant)))))
         return
-    summary = main_parent(args)
-    line = json.dumps(summary)
-    if args.out:
-        write_text(args.out, line + "\n")
-    print(line)
+    emit_summary(main_parent(args), args.out)
 
 
 if __name__ == "__main__":

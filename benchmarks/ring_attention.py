@@ -36,9 +36,6 @@ The last line printed is one JSON object: {"benchmark": "ring_attention", ...}.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
 import os
 import socket
 import tempfile
@@ -50,7 +47,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from omnilong.atomic import write_text
+from benchmarks.measure import PeakMemory, emit_summary
 from omnilong.parallel.documents import DocumentLayout
 from omnilong.parallel.ring_attention_torch import torch_ring_attention
 from omnilong.parallel.zigzag import SequenceLayout, unshard_sequence
@@ -86,37 +83,19 @@ def make_inputs(seq_len: int, layout: SequenceLayout | None, rank: int) -> dict[
     return inputs
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class PeakRss:
-    def reset(self) -> None:
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.baseline = _status_bytes("VmRSS")
-
-    def peak_mib(self) -> float:
-        return (_status_bytes("VmHWM") - self.baseline) / 2**20
-
-
 def measured_call(make_inputs_fn, attend) -> dict:
     """Baseline, then inputs, `attend(q, k, v)` forward and backward: peaks, time and results."""
-    meter = PeakRss()
+    meter = PeakMemory(torch.device("cpu"))
     meter.reset()
     inputs = make_inputs_fn()
     q, k, v = (inputs[name].requires_grad_() for name in "qkv")
     start = time.perf_counter()
     out = attend(q, k, v)
-    forward_peak = meter.peak_mib()
+    forward_peak = meter.peak_above_baseline() / 2**20
     out.backward(inputs["dout"])
     elapsed = time.perf_counter() - start
     return {
-        "peak_mib": meter.peak_mib(), "forward_peak_mib": forward_peak, "time_s": elapsed,
+        "peak_mib": meter.peak_above_baseline() / 2**20, "forward_peak_mib": forward_peak, "time_s": elapsed,
         "tensors": {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad},
     }
 
@@ -252,10 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             for row in rows
         ),
     }
-    line = json.dumps(summary)
-    if args.out:
-        write_text(args.out, line + "\n")
-    print(line)
+    emit_summary(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -135,11 +135,6 @@ def test_outputs_round_trip_through_the_local_remote(tiny_ablation, tmp_path):
     assert json.loads(status.stdout) == {}
 
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_deployment_with_overrides_runs_on_a_prefect_server(tiny_ablation, mlflow_client):
     """Last in this module: the experiment moves the @stage3 alias the tests above look at."""
     import os
