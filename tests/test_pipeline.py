@@ -54,6 +54,7 @@ def test_pipeline_produces_every_stage_output(tiny_pipeline):
         index = json.loads((tiny_pipeline / f"data/packed/{stage}/index.json").read_text())
         assert index["num_rows"] > 0
         assert (tiny_pipeline / f"runs/{stage}/model/model.safetensors").is_file()
+        assert (tiny_pipeline / f"runs/{stage}/loss_curve.png").read_bytes().startswith(b"\x89PNG")
         assert list((tiny_pipeline / f"checkpoints/{stage}").glob("step*"))
     heldout = json.loads((tiny_pipeline / "runs/eval-full/heldout.json").read_text())
     assert set(heldout) == {"base", *STAGES}
@@ -85,6 +86,8 @@ def test_step_metrics_are_logged_and_stage1_learns(tiny_pipeline, mlflow_client)
         assert "mlflow.parentRunId" in run.data.tags
         assert run.data.params["data.version"] != "untracked"
         assert run.data.params["git.commit"] != "unknown"
+        assert {"loss_curve.png", "model", "deepspeed_config.json"} <= {
+            item.path for item in mlflow_client.list_artifacts(run_id)}
         losses = mlflow_client.get_metric_history(run_id, "train/loss")
         assert [m.step for m in losses] == list(range(params.stages[stage].train.max_steps))
         for metric in ("train/lr", "train/tokens_per_s", "memory/peak_mb_rank0", "memory/peak_mb_rank1"):

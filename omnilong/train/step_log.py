@@ -9,6 +9,7 @@ again when they are redone: MLflow keeps both points of such a step, the later o
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import resource
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from omnilong import atomic
 from omnilong.config import Params
 from omnilong.tracking.runs import create_run
 from omnilong.tracking.store import use_experiment
@@ -158,12 +160,47 @@ class StepLogger:
         )
         from mlflow import MlflowClient
 
+        curve = self._plot_loss_curve()
+        MlflowClient().log_artifact(self.run_id, str(curve))
         adapter = self.run.out_dir / "adapter"
         if adapter.is_dir():  # a LoRA stage: the adapter alone, beside the merged model
             MlflowClient().log_artifacts(self.run_id, str(adapter), artifact_path="adapter")
         MlflowClient().set_terminated(self.run_id)
         print(f"[{self.run.stage}] registered {record['name']} version {record['version']} "
               f"as @{record['alias']} (lineage {' > '.join(record['lineage'])})", flush=True)
+
+
+    def _plot_loss_curve(self) -> Path:
+        """The stage's loss (and context length) per step, from what MLflow recorded, as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+
+        def latest_per_step(key: str) -> tuple[list[int], list[float]]:
+            points = {m.step: m.value for m in sorted(client.get_metric_history(self.run_id, key),
+                                                       key=lambda m: m.timestamp)}
+            steps = sorted(points)
+            return [step + 1 for step in steps], [points[step] for step in steps]
+
+        figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=120)
+        loss_axis.plot(*latest_per_step("train/loss"), marker=".", color="tab:blue")
+        loss_axis.set_xlabel("optimizer step")
+        loss_axis.set_ylabel("loss (per valid token)", color="tab:blue")
+        context_axis = loss_axis.twinx()
+        context_axis.step(*latest_per_step("train/seq_len"), where="post", color="tab:gray", alpha=0.6)
+        context_axis.set_ylabel("context length (tokens)", color="tab:gray")
+        loss_axis.set_title(f"{self.run.stage}{'-' + self.run.variant if self.run.variant else ''}: training loss")
+        figure.tight_layout()
+        image = io.BytesIO()
+        figure.savefig(image, format="png")
+        plt.close(figure)
+        path = self.run.out_dir / "loss_curve.png"
+        atomic.write_bytes(path, image.getvalue())
+        return path
 
 
 def _broadcast(value: str | None) -> str | None:
