@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from omnilong.config import LossParams, TrainParams
 from omnilong.train.batches import collate
-from omnilong.train.training_module import TrainingModule, language_model_positions
+from omnilong.train.training_module import TrainingModule, model_inputs
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -44,11 +44,6 @@ def _rows(vocab_size: int) -> list[dict]:
         rows.append({"input_ids": input_ids, "labels": labels, "position_ids": positions,
                      "doc_lens": torch.tensor(doc_lens)})
     return rows
-
-
-def _batch_kwargs(batch, family: str) -> dict:
-    return {"input_ids": batch.input_ids, "labels": batch.labels,
-            "position_ids": language_model_positions(family, batch.position_ids, batch.doc_lens)}
 
 
 def _rows_of_rank(rank: int, sp_size: int) -> list[int]:
@@ -152,7 +147,7 @@ def test_step_update_equals_single_process_gradient(zero3_step):
     loss_sum = valid = 0
     for row in step_rows:
         batch = collate([rows[row]], family=family, model_config=model.config, video_params=None)
-        row_loss, row_valid = module(**_batch_kwargs(batch, family))
+        row_loss, row_valid = module(**model_inputs(batch, family))
         loss_sum, valid = loss_sum + row_loss, valid + row_valid
     (loss_sum / valid).backward()
 

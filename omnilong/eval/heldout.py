@@ -17,24 +17,18 @@ from omnilong.config import STAGE_NAMES, Params
 from omnilong.data.shards import PackedShards
 from omnilong.models.loading import load_model
 from omnilong.train.batches import collate
-from omnilong.train.training_module import TrainingModule, language_model_positions
+from omnilong.train.training_module import TrainingModule, model_inputs
 
 
 @torch.no_grad()
-def heldout_loss(params: Params, model_dir: Path, stage: str) -> dict[str, float]:
+def heldout_loss(params: Params, module: TrainingModule, stage: str) -> dict[str, float]:
     dataset = PackedShards(Path(params.data.packed_dir) / stage)
     rows = range(len(dataset) - params.eval.heldout_rows, len(dataset))
-    model = load_model(model_dir, dtype=torch.float32).eval()
-    module = TrainingModule(model, params.model.family, params.stages[stage].loss)
     loss_sum = tokens = 0.0
     for row in rows:
-        batch = collate([dataset[row]], family=params.model.family, model_config=model.config,
+        batch = collate([dataset[row]], family=params.model.family, model_config=module.model.config,
                         video_params=params.model.video)
-        row_loss, row_tokens = module(
-            input_ids=batch.input_ids, labels=batch.labels,
-            position_ids=language_model_positions(params.model.family, batch.position_ids, batch.doc_lens),
-            **batch.videos,
-        )
+        row_loss, row_tokens = module(**model_inputs(batch, params.model.family))
         loss_sum += float(row_loss)
         tokens += float(row_tokens)
     loss = loss_sum / max(tokens, 1.0)
@@ -44,7 +38,11 @@ def heldout_loss(params: Params, model_dir: Path, stage: str) -> dict[str, float
 def evaluate_models(params: Params, models: dict[str, Path]) -> dict[str, dict[str, dict[str, float]]]:
     """{model label: {stage: {loss, perplexity, tokens}}} for every model on every stage."""
     results: dict[str, dict[str, dict[str, float]]] = {}
-    jobs = [(label, stage) for label in models for stage in STAGE_NAMES]
-    for label, stage in tqdm(jobs, desc="held-out loss", unit="eval"):
-        results.setdefault(label, {})[stage] = heldout_loss(params, models[label], stage)
+    for label in tqdm(models, desc="held-out loss", unit="model"):
+        model = load_model(models[label], dtype=torch.float32).eval()
+        # Each stage has its own loss settings; the model is loaded once for all of them.
+        results[label] = {
+            stage: heldout_loss(params, TrainingModule(model, params.model.family, params.stages[stage].loss), stage)
+            for stage in STAGE_NAMES
+        }
     return results

@@ -29,7 +29,7 @@ from omnilong.train.batches import IGNORE_INDEX, MicroBatch, micro_batches
 from omnilong.train.deepspeed_config import deepspeed_config, resolve_precision
 from omnilong.train.schedule import lr_factor
 from omnilong.train.step_log import StepLogger
-from omnilong.train.training_module import TrainingModule, language_model_positions
+from omnilong.train.training_module import TrainingModule, model_inputs
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,8 @@ class StepInputs:
 
 def step_inputs(batch: MicroBatch, family, device: torch.device, sp: SequenceParallel | None) -> StepInputs:
     # Positions and shifted labels are those of the full rows: computed before any sharding.
-    positions = language_model_positions(family, batch.position_ids, batch.doc_lens)
+    kwargs = model_inputs(batch, family)
     if sp is None:
-        kwargs = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": positions, **batch.videos}
         attention: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
         from omnilong.parallel.attention import sharding_scheme
@@ -146,7 +145,7 @@ def step_inputs(batch: MicroBatch, family, device: torch.device, sp: SequencePar
         from omnilong.parallel.zigzag import SequenceLayout
 
         layout = SequenceLayout(batch.input_ids.shape[1], sp.size, sharding_scheme(sp.backend, batch.doc_lens))
-        shard = shard_sample(batch.input_ids, batch.labels, positions, batch.doc_lens, layout, sp.rank)
+        shard = shard_sample(kwargs["input_ids"], kwargs["labels"], kwargs["position_ids"], batch.doc_lens, layout, sp.rank)
         kwargs = {"input_ids": shard.inputs, "labels": shard.labels, "position_ids": shard.position_ids}
         attention = ring_attention_context(shard.documents, sp.group, sp.backend)
     return StepInputs({key: value.to(device) for key, value in kwargs.items()}, attention)

@@ -13,6 +13,7 @@ from torch import nn
 
 from omnilong.config import Family, LossParams
 from omnilong.loss.head import ChunkedLMHeadLoss
+from omnilong.train.batches import MicroBatch
 
 
 def document_positions(doc_lens: list[list[int]], seq_len: int) -> torch.Tensor:
@@ -38,6 +39,12 @@ def language_model_positions(family: Family, position_ids: torch.Tensor, doc_len
     text = document_positions(doc_lens, position_ids.shape[-1]).to(position_ids.device)
     mrope = position_ids if position_ids.dim() == 3 else position_ids.unsqueeze(0).expand(3, -1, -1)
     return torch.cat([text.unsqueeze(0), mrope])
+
+
+def model_inputs(batch: MicroBatch, family: Family) -> dict[str, torch.Tensor]:
+    """The keyword arguments of `TrainingModule` for a micro-batch of whole (unsharded) rows."""
+    positions = language_model_positions(family, batch.position_ids, batch.doc_lens)
+    return {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": positions, **batch.videos}
 
 
 class TrainingModule(nn.Module):
