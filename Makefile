@@ -12,6 +12,8 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# A flow run starts a temporary Prefect server; on 2 busy cores it can take longer than the default 20 s.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM := false
 

@@ -29,6 +29,7 @@ def project_env(project: Path) -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "PREFECT_HOME": str(project / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
         "GIT_AUTHOR_NAME": "omnilong-tests",
