@@ -1,4 +1,4 @@
-"""What every benchmark measures the same way: peak memory above a baseline, and its JSON line.
+"""What every benchmark does the same way: peak memory above a baseline, its JSON line, a port.
 
 Peak memory: on CPU the kernel's high-water mark of resident memory (VmHWM), reset to the
 current RSS (VmRSS) by writing "5" to /proc/self/clear_refs after a garbage collection and a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import socket
 from pathlib import Path
 
 import torch
@@ -57,6 +58,13 @@ def _trim_heap() -> None:
         pass
 
 
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a process group's rendezvous or a server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def emit_summary(summary: dict, out: Path | None) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from benchmarks.measure import PeakMemory, emit_summary
+from benchmarks.measure import PeakMemory, emit_summary, free_port
 from omnilong.parallel.documents import DocumentLayout
 from omnilong.parallel.ring_attention_torch import torch_ring_attention
 from omnilong.parallel.zigzag import SequenceLayout, unshard_sequence
@@ -133,12 +132,6 @@ def ring_worker(rank: int, sp_size: int, seq_len: int, port: int, out_dir: str) 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(worker, nprocs: int, args: tuple) -> None:
     mp.start_processes(worker, args=args, nprocs=nprocs, start_method="spawn")
 
@@ -190,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         reference_packed = packed_reference()
         rows = []
         for sp_size in SP_SIZES:
-            _spawn(ring_worker, sp_size, (sp_size, seq_len, _free_port(), tmp))
+            _spawn(ring_worker, sp_size, (sp_size, seq_len, free_port(), tmp))
             ranks = [torch.load(Path(tmp) / f"ring{sp_size}_rank{r}.pt") for r in range(sp_size)]
             layout = SequenceLayout(seq_len, sp_size)
             row = {

@@ -8,6 +8,7 @@ what was expected and what was given; the CLI maps it to exit code 2.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -98,8 +99,17 @@ class QwenVideoParams(_Params):
 class LlavaVideoParams(_Params):
     """LLaVA-OneVision: frames are resized to the vision tower's input and features pooled."""
 
-    pool_stride: Literal[2] = 2
-    """Spatial pooling of the vision features per frame (transformers implements 2x2)."""
+    tokens_per_frame: PositiveInt | None = None
+    """Visual tokens per frame after bilinear pooling of the vision tower's patch grid to a
+    square of this many cells (a perfect square: 196 = 14 x 14, 144 = 12 x 12, at most the grid's
+    cells). null: the model's own 2x pooling, ceil(grid / 2) ** 2 (196 for a 27 x 27 grid)."""
+
+    @field_validator("tokens_per_frame")
+    @classmethod
+    def _square(cls, value: int | None) -> int | None:
+        if value is not None and math.isqrt(value) ** 2 != value:
+            raise ValueError(f"a perfect square (e.g. 144 or 196), given {value}")
+        return value
 
 
 class VideoTokenParams(_Params):
@@ -137,6 +147,14 @@ class InstructSynthParams(_Params):
     """Length of the long context each instruction sample is built around."""
 
 
+class LongVideoSynthParams(_Params):
+    """Long videos (the short ones' scene over many more frames, same size and rate), each with
+    an .srt of subtitles; some of their questions only the subtitles answer."""
+
+    num_videos: NonNegativeInt = 2
+    num_frames: Annotated[int, Field(ge=2)] = 512
+
+
 class VideoSynthParams(_Params):
     num_videos: PositiveInt = 8
     num_frames: Annotated[int, Field(ge=2)] = 48
@@ -144,6 +162,7 @@ class VideoSynthParams(_Params):
     height: Annotated[int, Field(ge=16)] = 64
     width: Annotated[int, Field(ge=16)] = 64
     fps: PositiveInt = 4
+    long: LongVideoSynthParams = LongVideoSynthParams()
 
     @field_validator("height", "width")
     @classmethod
@@ -165,6 +184,8 @@ class DataParams(_Params):
     """Raw corpora: `default/` made by `omnilong data synth`, `user/<name>/` added by users."""
     tokenized_dir: str = "data/tokenized"
     packed_dir: str = "data/packed"
+    loader_workers: NonNegativeInt = 1
+    """DataLoader worker processes per rank that decode videos ahead of training (0: in-process)."""
     synth: SynthParams = SynthParams()
 
 
@@ -231,6 +252,24 @@ class LossParams(_Params):
     """Logits become softcap * tanh(logits / softcap) before the softmax; null: off."""
 
 
+class FrameSampling(_Params):
+    """Which frames of a video the model sees: `num_frames` spread uniformly over the video (or
+    the record's start/end window), or `fps` frames per second capped at `max_frames` (beyond
+    the cap, `max_frames` spread uniformly). Set exactly one of `num_frames` and `fps`."""
+
+    num_frames: PositiveInt | None = None
+    fps: Annotated[float, Field(gt=0)] | None = None
+    max_frames: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> FrameSampling:
+        if (self.num_frames is None) == (self.fps is None):
+            raise _FieldError("num_frames", "exactly one of num_frames and fps to be set", self.num_frames)
+        if self.max_frames is not None and self.fps is None:
+            raise _FieldError("max_frames", "unset unless fps is set (num_frames is already a count)", self.max_frames)
+        return self
+
+
 class ContextStep(_Params):
     """From optimizer step `from_step` on, train on rows of `seq_len` tokens."""
 
@@ -248,8 +287,8 @@ class StageParams(_Params):
     The data is packed once per scheduled length; the last entry's seq_len must equal `seq_len`."""
     sp_size: PositiveInt = 1
     """Sequence-parallel group size: ranks that share one sequence."""
-    frames_per_video: PositiveInt | None = None
-    """Frames sampled uniformly from each video (video stages only)."""
+    video_frames: FrameSampling | None = None
+    """Which frames of each video the model sees (video stages only; required there)."""
     train: TrainParams = TrainParams()
     loss: LossParams = LossParams()
 
@@ -347,22 +386,17 @@ class Params(_Params):
                     f"(parallel.nnodes x parallel.nproc_per_node)",
                     stage.sp_size,
                 )
-            if STAGE_KIND[name] == "video" and stage.sp_size > 1:
+            if STAGE_KIND[name] == "video" and stage.video_frames is None:
                 raise _FieldError(
-                    f"stages.{name}.sp_size",
-                    "1 for a video stage (sequence parallelism of video, with sharded vision encoding, "
-                    "is not implemented yet)",
-                    stage.sp_size,
+                    f"stages.{name}.video_frames",
+                    "a frame sampling for a video stage ({num_frames: N} or {fps: F, max_frames: N})",
+                    None,
                 )
-            if STAGE_KIND[name] == "video" and stage.frames_per_video is None:
+            if STAGE_KIND[name] != "video" and stage.video_frames is not None:
                 raise _FieldError(
-                    f"stages.{name}.frames_per_video", "a positive integer for a video stage", None
-                )
-            if STAGE_KIND[name] != "video" and stage.frames_per_video is not None:
-                raise _FieldError(
-                    f"stages.{name}.frames_per_video",
+                    f"stages.{name}.video_frames",
                     "unset: this stage trains on text",
-                    stage.frames_per_video,
+                    stage.video_frames.model_dump(exclude_none=True),
                 )
         return self
 

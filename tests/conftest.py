@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks.measure import free_port  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now, for a process group's rendezvous or a server."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def project_env(project: Path) -> dict[str, str]:
@@ -121,7 +115,9 @@ def tiny_raw_dir(tmp_path_factory) -> Path:
         {
             "text": {"num_documents": 6, "min_chars": 500, "max_chars": 3000},
             "instruct": {"num_samples": 4, "context_chars": 800},
-            "video": {"num_videos": 2, "num_frames": 12, "height": 48, "width": 64, "fps": 4},
+            "video": {
+                "num_videos": 2, "num_frames": 12, "height": 48, "width": 64, "fps": 4, "long": {"num_videos": 0},
+            },
         }
     )
     raw_dir = tmp_path_factory.mktemp("tiny_raw") / "raw"
@@ -156,7 +152,7 @@ def tiny_prepared(tmp_path_factory, tiny_model_dir, tiny_raw_dir):
                         "stage1": {"seq_len": 1024, "sp_size": 2},
                         "stage2": {"seq_len": 1024, "sp_size": 2},
                         # Both videos fit in one row.
-                        "stage3": {"seq_len": 576, "sp_size": 1, "frames_per_video": 8},
+                        "stage3": {"seq_len": 576, "sp_size": 1, "video_frames": {"num_frames": 8}},
                     },
                 }
             )
@@ -178,3 +174,40 @@ def tiny_ablation(tiny_pipeline) -> Path:
     )
     assert result.returncode == 0, f"ablation failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
     return tiny_pipeline
+
+
+def video_clip_row(
+    path: Path, family: str, model_config, num_frames: int, text_before: list[int], text_after: list[int],
+    seq_len_multiple: int = 4,
+) -> dict:
+    """A packed row (as `PackedShards` gives it) of one chat-like document around the video at
+    `path` (`num_frames` sampled uniformly), then padding; positions as the packer computes them."""
+    import torch
+
+    from omnilong.config import FrameSampling, VideoTokenParams
+    from omnilong.data.prepare import _video_clip, _VideoContext
+    from omnilong.data.video_frames import sample_frames, video_info
+    from omnilong.models.positions import position_ids_for_document
+    from omnilong.train.batches import video_token_id
+
+    token_id = video_token_id(family, model_config)
+    context = _VideoContext(family, model_config, VideoTokenParams(), FrameSampling(num_frames=num_frames),
+                            token_id, path.parent)
+    info = video_info(path)
+    clip = _video_clip(context, "doc", path, info, sample_frames(info, context.video_frames), len(text_before))
+    document = torch.tensor(text_before + [token_id] * clip.num_tokens + text_after)
+    padding = -len(document) % seq_len_multiple
+    grid = torch.tensor([clip.grid_thw]) if clip.grid_thw else None
+    seconds = torch.tensor([clip.second_per_grid_t]) if clip.second_per_grid_t else None
+    positions = position_ids_for_document(model_config, document, grid, seconds)
+    padding_positions = torch.arange(padding).expand(*positions.shape[:-1], -1)
+    labels = document.clone()
+    labels[document == token_id] = -100
+    labels[0] = -100
+    return {
+        "input_ids": torch.cat([document, torch.zeros(padding, dtype=torch.long)]),
+        "labels": torch.cat([labels, torch.full((padding,), -100)]),
+        "position_ids": torch.cat([positions, padding_positions], dim=-1),
+        "doc_lens": torch.tensor([len(document)]),
+        "videos": [clip.model_copy(update={"path": str(path)})],
+    }

@@ -49,8 +49,16 @@ BAD_FILES = [
     (_set("model.famly", "qwen2_5_vl"), "model.famly", "unknown key"),
     (_set("model.family", "llama"), "model.family", "'qwen2_5_vl' or 'llava_onevision'"),
     (_set("parallel.nproc_per_node", "two"), "parallel.nproc_per_node", "valid integer"),
-    (_delete("stages.stage3.frames_per_video"), "stages.stage3.frames_per_video", "video stage"),
-    (_set("stages.stage1.frames_per_video", 8), "stages.stage1.frames_per_video", "trains on text"),
+    (_delete("stages.stage3.video_frames"), "stages.stage3.video_frames", "video stage"),
+    (_set("stages.stage1.video_frames", {"num_frames": 8}), "stages.stage1.video_frames", "trains on text"),
+    (_set("stages.stage3.video_frames", {"num_frames": 8, "fps": 2}), "stages.stage3.video_frames.num_frames",
+     "exactly one of num_frames and fps"),
+    (_set("stages.stage3.video_frames", {}), "stages.stage3.video_frames.num_frames",
+     "exactly one of num_frames and fps"),
+    (_set("stages.stage3.video_frames", {"num_frames": 8, "max_frames": 16}), "stages.stage3.video_frames.max_frames",
+     "unset unless fps is set"),
+    (_set("stages.stage3.video_frames", {"fps": 0}), "stages.stage3.video_frames.fps", "greater than 0"),
+    (_set("data.synth.video.long.num_frames", 1), "data.synth.video.long.num_frames", "greater than or equal to 2"),
     (_set("model.tiny.num_key_value_heads", 3), "model.tiny.num_key_value_heads", "divisor of num_attention_heads"),
     (_set("stages.stage2.corpora", ["../etc"]), "stages.stage2.corpora.0", "should match pattern"),
     (_set("stages.stage2.corpora", []), "stages.stage2.corpora", "at least 1 item"),
@@ -84,6 +92,9 @@ def test_default_params_are_valid():
     params = load_params(REPO / "params.yaml")
     assert params.stages.stage1.sp_size == 2
     assert params.parallel.world_size == 2
+    # The demo runs the video stage with sequence parallelism, on long videos.
+    assert params.stages.stage3.sp_size == 2
+    assert params.data.synth.video.long.num_videos > 0 and params.data.synth.video.long.num_frames >= 256
 
 
 def test_missing_model_directory_is_named(tmp_path):

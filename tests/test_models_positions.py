@@ -107,3 +107,32 @@ def test_rejects_placeholders_that_do_not_fill_the_grids(qwen_model):
         position_ids_for_document(config, input_ids, torch.tensor([[7, 2, 2]]))
     with pytest.raises(ValueError, match="needs 0"):
         position_ids_for_document(config, input_ids)
+
+
+@pytest.mark.parametrize("sp_size", [2, 4])
+def test_qwen_positions_are_sharded_with_the_sequence_and_survive_unsharding(qwen_model, sp_size):
+    """Each rank's positions are its zigzag chunks of the whole document's `get_rope_index` ids."""
+    from omnilong.parallel.zigzag import SequenceLayout, shard_sequence, unshard_sequence
+    from omnilong.train.training_module import language_model_positions
+
+    config = qwen_model.config
+    input_ids, grids = document_with_videos(config, [(32, 64, 64), (5, 56, 84)])
+    padding = -len(input_ids) % (2 * sp_size)
+    input_ids = torch.cat([input_ids, torch.zeros(padding, dtype=torch.long)])
+    seconds = torch.tensor([0.5, 1.0])
+    is_video = (input_ids == config.video_token_id).int() * 2
+    theirs, _ = qwen_model.model.get_rope_index(
+        input_ids[None, : len(input_ids) - padding], mm_token_type_ids=is_video[None, : len(input_ids) - padding],
+        video_grid_thw=grids, second_per_grid_ts=seconds,
+    )
+    document = position_ids_for_document(config, input_ids[: len(input_ids) - padding], grids, seconds)
+    row = torch.cat([document, torch.arange(padding).expand(3, -1)], dim=-1)[:, None]  # [3, 1, L]
+    full = language_model_positions("qwen2_5_vl", row, [[len(input_ids) - padding]])  # [4, 1, L]
+    layout = SequenceLayout(len(input_ids), sp_size)
+    shards = [shard_sequence(full, layout, rank, dim=-1) for rank in range(sp_size)]
+    global_index = torch.arange(len(input_ids))
+    for rank, shard in enumerate(shards):
+        mine = shard_sequence(global_index, layout, rank, dim=0)
+        in_document = mine < len(input_ids) - padding
+        torch.testing.assert_close(shard[1:, 0][:, in_document], theirs[:, 0, mine[in_document]], rtol=0, atol=0)
+    assert torch.equal(unshard_sequence(shards, layout, dim=-1), full)

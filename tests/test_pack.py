@@ -15,7 +15,12 @@ from transformers import AutoConfig, AutoTokenizer
 from omnilong.config import Params, StageName, parse_params
 from omnilong.data import pack
 from omnilong.data.pack import IGNORE_INDEX, PackError, Piece, pack_stage, plan_rows
-from omnilong.data.prepare import DocumentEntry, TokenizedDocument, write_tokenized
+from omnilong.data.prepare import (
+    DocumentEntry,
+    SkippedDocument,
+    TokenizedDocument,
+    write_tokenized,
+)
 from omnilong.data.shards import PackedShards, PackedShardsError, VideoClip
 from omnilong.data.video_frames import read_frames
 from omnilong.models.families import get_family
@@ -35,7 +40,7 @@ def hand_params(tmp_path: Path, seq_len: int = 64, family: str = "llava_onevisio
                 "tokenized_dir": str(tmp_path / "tokenized"),
                 "packed_dir": str(tmp_path / "packed"),
             },
-            "stages": {"stage1": stage, "stage2": stage, "stage3": {**stage, "frames_per_video": 4}},
+            "stages": {"stage1": stage, "stage2": stage, "stage3": {**stage, "video_frames": {"num_frames": 4}}},
         }
     )
 
@@ -132,6 +137,19 @@ def test_packed_rows_hold_every_token_with_masked_labels_and_restarting_position
     assert "videos" not in dataset[0]
 
 
+def test_skipped_records_are_counted_in_the_packed_index(tmp_path):
+    params = hand_params(tmp_path)
+    skipped = [
+        SkippedDocument(id=f"gone{i}", corpus="hand", file=f"video/gone{i}.mp4", reason="corrupt") for i in range(2)
+    ]
+    documents = hand_documents([10, 20])
+    write_hand_stage(params, "stage2", [skipped[0], documents[0], skipped[1], documents[1]])
+    pack_stage(params, "stage2")
+    index = PackedShards(Path(params.data.packed_dir) / "stage2").index
+    assert index.stats.skipped_documents == 2
+    assert index.stats.source_documents == 2
+
+
 def test_packing_is_deterministic(tmp_path):
     params = hand_params(tmp_path)
     write_hand_stage(params, "stage1", hand_documents([int(n) for n in np.arange(1, 120, 7)]))
@@ -178,7 +196,7 @@ def test_video_document_longer_than_seq_len_is_refused(tmp_path):
     with pytest.raises(PackError) as error:
         pack_stage(params, "stage3")
     message = str(error.value)
-    for expected in ("'doc1'", "40 tokens", "seq_len = 32", "stages.stage3.frames_per_video"):
+    for expected in ("'doc1'", "40 tokens", "seq_len = 32", "stages.stage3.video_frames"):
         assert expected in message
     assert not (Path(params.data.packed_dir) / "stage3").exists()
 
@@ -333,7 +351,7 @@ def test_video_rows_hold_their_clips_and_per_document_positions(prepared):
             assert tokenizer.decode(collapsed) == tokenizer.apply_chat_template(chat, tokenize=False)
 
             frames = read_frames(root / clip.path, clip.frame_indices)
-            assert len(frames) == params.stages.stage3.frames_per_video
+            assert len(frames) == params.stages.stage3.video_frames.num_frames
             inputs = preprocess_video(family, frames, model_config, params.model.video, fps=clip.sampled_fps)
             document_ids = ids[start:end]
             if family == "qwen2_5_vl":

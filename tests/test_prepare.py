@@ -1,9 +1,13 @@
-"""Prepare: chat spans of both families' templates, video placeholders, corpus errors."""
+"""Prepare: chat spans of both families' templates, video placeholders, subtitles, windows, corpus errors."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
+import random
+import shutil
 from pathlib import Path
 
 import av
@@ -11,7 +15,8 @@ import numpy as np
 import pytest
 from transformers import AutoConfig
 
-from omnilong.config import parse_params
+from omnilong.config import VideoSynthParams, parse_params
+from omnilong.data.pack import pack_stage
 from omnilong.data.prepare import (
     DocumentEntry,
     PrepareError,
@@ -21,8 +26,11 @@ from omnilong.data.prepare import (
     prepare_corpora,
     write_tokenized,
 )
-from omnilong.data.schemas import Message, RecordError
+from omnilong.data.schemas import Message, RecordError, iter_records
+from omnilong.data.shards import PackedShards
+from omnilong.data.synth.video import encode_mp4, random_scene, render_frame
 from omnilong.models.families import get_family
+from omnilong.models.loading import load_tokenizer
 from omnilong.models.tokenizer import train_tokenizer
 from omnilong.models.video_inputs import num_video_tokens
 
@@ -91,7 +99,7 @@ def test_video_placeholder_run_has_the_models_token_count(tiny_prepared, family)
             height, width = stream.codec_context.height, stream.codec_context.width
             num_frames = sum(1 for _ in container.decode(stream))
         expected = num_video_tokens(
-            family, model_config, params.model.video, params.stages.stage3.frames_per_video, height, width
+            family, model_config, params.model.video, params.stages.stage3.video_frames.num_frames, height, width
         )
         token_ids, trainable = tokenized.document(doc)
         video_positions = np.flatnonzero(token_ids == video_token_id)
@@ -99,7 +107,7 @@ def test_video_placeholder_run_has_the_models_token_count(tiny_prepared, family)
         run = np.arange(clip.token_offset, clip.token_offset + expected)
         np.testing.assert_array_equal(video_positions, run)
         assert not trainable[video_positions].any()
-        assert len(clip.frame_indices) == params.stages.stage3.frames_per_video
+        assert len(clip.frame_indices) == params.stages.stage3.video_frames.num_frames
         assert clip.frame_indices == sorted(clip.frame_indices) and 0 <= clip.frame_indices[0]
         assert clip.frame_indices[-1] < num_frames
         assert (clip.height, clip.width) == (height, width)
@@ -111,7 +119,7 @@ def user_corpus_params(tmp_path: Path, model_dir: Path, corpus: str):
         {
             "model": {"family": "qwen2_5_vl", "path": str(model_dir)},
             "data": {"raw_dir": str(tmp_path / "raw"), "tokenized_dir": str(tmp_path / "tokenized")},
-            "stages": {"stage1": stage, "stage2": stage, "stage3": {**stage, "frames_per_video": 2}},
+            "stages": {"stage1": stage, "stage2": stage, "stage3": {**stage, "video_frames": {"num_frames": 2}}},
         }
     )
 
@@ -144,3 +152,170 @@ def test_corpus_without_records_of_a_stages_kind_is_refused(tmp_path, tiny_model
     with pytest.raises(PrepareError, match=expected):
         prepare_corpora(params)
     assert load_tokenized(tmp_path / "tokenized" / "stage1").index.num_documents == 1
+
+
+# --- video records with subtitles, windows and unreadable files ----------------------------------
+
+VIDEO_FPS, VIDEO_FRAMES = 4, 24  # 6 s
+# Cue order in the file is not time order; the 2.1 s cue is on screen between two sampled frames
+# (at 2 fps: 0.25 s, 0.75 s, ...), so the model never sees it.
+GOOD_SRT = """3
+00:00:04,000 --> 00:00:05,000
+the <i>heron</i> lands
+
+1
+00:00:00,000 --> 00:00:01,000
+the otter swims
+
+2
+00:00:02,100 --> 00:00:02,200
+never on screen
+
+4
+00:00:02,500 --> 00:00:03,500
+the badger digs
+"""
+SHOWN_SUBTITLES = "the otter swims\nthe badger digs\nthe heron lands"
+BAD_SRT = "1\n00:00:01,000 -> 00:00:02,000\nan arrow too short\n"
+
+
+def _video_record(id: str, video: str, **fields) -> dict:
+    messages = [
+        {"role": "user", "content": "What does the animal do?"},
+        {"role": "assistant", "content": "It moves."},
+    ]
+    return {"id": id, "video": video, "messages": messages, **fields}
+
+
+@pytest.fixture(scope="module")
+def video_corpus(tmp_path_factory, tiny_model_dir) -> tuple[object, Path]:
+    """A project with a user corpus of good and unreadable videos and subtitles, prepared once."""
+    root = tmp_path_factory.mktemp("video_corpus")
+    corpus = root / "raw" / "user" / "vids"
+    video_dir = corpus / "video"
+    for kind in ("text", "instruct"):
+        (corpus / kind).mkdir(parents=True)
+    (corpus / "text" / "docs.jsonl").write_text(json.dumps({"id": "t", "source": "test", "text": "hello"}) + "\n")
+    chat = {k: v for k, v in _video_record("i", "unused").items() if k != "video"}
+    (corpus / "instruct" / "chats.jsonl").write_text(json.dumps(chat) + "\n")
+    video_dir.mkdir()
+    synth = VideoSynthParams(num_frames=VIDEO_FRAMES, height=64, width=64, fps=VIDEO_FPS)
+    scene = random_scene(random.Random(0), VIDEO_FRAMES)
+    good = video_dir / "good.mp4"
+    encode_mp4([render_frame(scene, t, synth) for t in range(VIDEO_FRAMES)], good, VIDEO_FPS)
+    # Cut before the index at the end of the file, as an interrupted copy leaves it.
+    (video_dir / "corrupt.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (video_dir / "good.srt").write_text(GOOD_SRT)
+    (video_dir / "bad.srt").write_text(BAD_SRT)
+    records = [
+        _video_record("whole", "good.mp4", subtitles="good.srt"),
+        _video_record("corrupt", "corrupt.mp4", subtitles="good.srt"),
+        _video_record("bad-srt", "good.mp4", subtitles="bad.srt"),
+        _video_record("no-srt", "good.mp4", subtitles="missing.srt"),
+        _video_record("window", "good.mp4", start_s=2.0, end_s=4.0, subtitles="good.srt"),
+        _video_record("plain", "good.mp4"),
+    ]
+    (video_dir / "qa.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    stage = {"corpora": ["vids"], "seq_len": 256, "sp_size": 1}
+    params = parse_params(
+        {
+            "model": {"family": "qwen2_5_vl", "path": str(tiny_model_dir("qwen2_5_vl"))},
+            "data": {"raw_dir": "raw", "tokenized_dir": "tokenized", "packed_dir": "packed"},
+            "stages": {"stage1": stage, "stage2": stage, "stage3": {**stage, "video_frames": {"fps": 2}}},
+        }
+    )
+    return params, root
+
+
+@pytest.fixture(scope="module")
+def prepared_videos(video_corpus):
+    """(params, root, tokenized stage 3, what prepare wrote on stderr)."""
+    params, root = video_corpus
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        prepare_corpora(params, root)
+    return params, root, load_tokenized(root / params.data.tokenized_dir / "stage3"), stderr.getvalue()
+
+
+def test_unreadable_videos_and_subtitles_are_skipped_listed_and_announced(prepared_videos):
+    params, root, tokenized, stderr = prepared_videos
+    video_dir = Path(params.data.raw_dir) / "user" / "vids" / "video"
+    assert [entry.id for entry in tokenized.index.documents] == ["whole", "window", "plain"]
+    skipped = {entry.id: entry for entry in tokenized.index.skipped}
+    assert list(skipped) == ["corrupt", "bad-srt", "no-srt"]
+    assert {entry.id: entry.file for entry in skipped.values()} == {
+        "corrupt": str(video_dir / "corrupt.mp4"),
+        "bad-srt": str(video_dir / "bad.srt"),
+        "no-srt": str(video_dir / "missing.srt"),
+    }
+    assert "corrupt.mp4" in skipped["corrupt"].reason
+    assert "bad.srt:2" in skipped["bad-srt"].reason and "timing line" in skipped["bad-srt"].reason
+    assert "no such subtitle file" in skipped["no-srt"].reason
+    for entry in skipped.values():
+        assert f"record {entry.id!r} skipped" in stderr and Path(entry.file).name in stderr
+    assert "3 of 6 records skipped" in stderr
+
+    # Packing carries the count, for training to log.
+    pack_stage(params, "stage3", root)
+    index = PackedShards(root / params.data.packed_dir / "stage3").index
+    assert index.stats.skipped_documents == 3 and index.stats.source_documents == 3
+
+
+def test_subtitles_at_the_sampled_frames_lead_the_first_user_turn_in_time_order(prepared_videos):
+    params, root, tokenized, _ = prepared_videos
+    tokenizer = load_tokenizer(root / params.model.path)
+    question = "What does the animal do?"
+    for doc, entry in enumerate(tokenized.index.documents):
+        token_ids, trainable = tokenized.document(doc)
+        text = tokenizer.decode(token_ids)
+        subtitles = "This video's subtitles are listed below:\n"
+        if entry.id == "whole":
+            assert f"{subtitles}{SHOWN_SUBTITLES}\n{question}" in text
+            assert "never on screen" not in text
+            # After the video's placeholders, and never trained on.
+            video_end = entry.video.token_offset + entry.video.num_tokens
+            assert text.index(subtitles) >= len(tokenizer.decode(token_ids[:video_end]))
+        elif entry.id == "window":  # 2 s to 4 s: only the cue shown then
+            assert f"{subtitles}the badger digs\n{question}" in text
+        else:
+            assert subtitles not in text and question in text
+        answers = [tokenizer.decode(run) for run in trainable_runs(token_ids.tolist(), trainable.tolist())]
+        assert answers == ["It moves." + tokenizer.eos_token]
+
+
+def test_a_window_samples_only_its_frames(prepared_videos):
+    _, _, tokenized, _ = prepared_videos
+    clips = {entry.id: entry.video for entry in tokenized.index.documents}
+    whole, window = clips["whole"], clips["window"]
+    assert len(whole.frame_indices) == 12 and whole.sampled_fps == window.sampled_fps == 2
+    assert len(window.frame_indices) == 4 and window.num_tokens < whole.num_tokens
+    assert all(2.0 <= t < 4.0 for t in window.timestamps)
+    assert [i / VIDEO_FPS for i in window.frame_indices] == window.timestamps
+    assert window.frame_indices != whole.frame_indices[:4]
+
+
+@pytest.mark.parametrize(
+    ("window", "fragment"),
+    [
+        ({"start_s": -1.0}, "field start_s: Input should be greater than or equal to 0"),
+        ({"start_s": 3.0, "end_s": 3.0}, "field end_s: Value error, end_s must be greater than start_s (3.0)"),
+        ({"end_s": 0}, "field end_s: Input should be greater than 0"),
+    ],
+)
+def test_a_bad_window_names_the_line_and_field(tmp_path, window, fragment):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps(_video_record("ok", "a.mp4")) + "\n" + json.dumps(_video_record("w", "a.mp4", **window)))
+    with pytest.raises(RecordError) as error:
+        list(iter_records(qa, "video"))
+    assert f"{qa}:2:" in str(error.value) and fragment in str(error.value)
+
+
+def test_a_window_outside_its_video_fails_naming_the_record(tmp_path, video_corpus):
+    params, root = video_corpus
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    qa = tmp_path / "raw" / "user" / "vids" / "video" / "qa.jsonl"
+    qa.write_text(json.dumps(_video_record("late", "good.mp4", start_s=10.0)) + "\n")
+    with pytest.raises(PrepareError) as error:
+        prepare_corpora(params, tmp_path)
+    message = str(error.value)
+    assert f"{qa}: record 'late'" in message and "good.mp4" in message and "start_s=10.0" in message

@@ -25,7 +25,16 @@ def test_recipe_validates_without_its_paths(recipe):
     stage1 = params.stages.stage1
     assert stage1.packed_lengths == [65536, 131072, 262144, 524288]
     assert params.model.rope_theta is not None
-    assert params.stages.stage1.sp_size == params.stages.stage2.sp_size == 8
+    assert params.stages.stage1.sp_size == params.stages.stage2.sp_size == params.stages.stage3.sp_size == 8
+    assert params.stages.stage3.video_frames.max_frames == 1024
+    # A row holds the most visual tokens of 1024 frames, worked out here from the models' docs:
+    # Qwen2.5-VL one token per 28 x 28 pixels of each temporal patch of 2 frames (at max_pixels),
+    # LLaVA-OneVision 196 tokens a frame (27 x 27 SigLIP patches pooled 2x2) and one newline.
+    if params.model.family == "qwen2_5_vl":
+        most_visual = 1024 // 2 * params.model.video.qwen2_5_vl.max_pixels // (28 * 28)
+    else:
+        most_visual = 1024 * 196 + 1
+    assert most_visual < params.stages.stage3.seq_len
     # The model and corpora exist only on the training machine: the full check names them.
     with pytest.raises(ConfigError, match=r"model\.path"):
         load_params(recipe, check_paths=True)

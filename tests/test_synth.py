@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -12,12 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from omnilong.config import SynthParams, TextSynthParams
+from omnilong.config import SynthParams, TextSynthParams, load_params
 from omnilong.data.schemas import InstructRecord, TextRecord, VideoRecord, iter_records
+from omnilong.data.subtitles import Subtitle, parse_srt, subtitles_at
 from omnilong.data.synth import synthesize_default_corpus
 from omnilong.data.synth.text import EXCLUDED_DIRS, mask_long_numbers, synthesize_text
-from omnilong.data.synth.video import BACKGROUND, PALETTE, digit_segment_boxes
-from omnilong.data.video_frames import read_frames, video_info
+from omnilong.data.synth.video import (
+    BACKGROUND,
+    PALETTE,
+    digit_segment_boxes,
+    narration_subtitles,
+    random_narration,
+)
+from omnilong.data.video_frames import VideoInfo, read_frames, sample_frames, video_info
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = SynthParams.model_validate(
@@ -25,7 +33,10 @@ PARAMS = SynthParams.model_validate(
         "seed": 7,
         "text": {"num_documents": 10, "min_chars": 1_000, "max_chars": 4_000},
         "instruct": {"num_samples": 6, "context_chars": 3_000},
-        "video": {"num_videos": 2, "num_frames": 16, "height": 64, "width": 64, "fps": 4},
+        "video": {
+            "num_videos": 2, "num_frames": 16, "height": 64, "width": 64, "fps": 4,
+            "long": {"num_videos": 1, "num_frames": 48},
+        },
     }
 )
 SYNTH = (
@@ -72,6 +83,7 @@ def test_two_processes_write_byte_identical_corpora(corpora):
     files = _files(first)
     assert sorted(files) == [
         "instruct/samples.jsonl", "text/documents.jsonl",
+        "video/long-video-00000.mp4", "video/long-video-00000.srt",
         "video/qa.jsonl", "video/video-00000.mp4", "video/video-00001.mp4",
     ]
     assert files == _files(second)
@@ -89,7 +101,7 @@ def test_records_validate_and_match_the_params(corpus):
     videos = list(iter_records(corpus / "video" / "qa.jsonl", "video"))
     assert [type(r) for r in docs] == [TextRecord] * PARAMS.text.num_documents
     assert [type(r) for r in samples] == [InstructRecord] * PARAMS.instruct.num_samples
-    assert [type(r) for r in videos] == [VideoRecord] * PARAMS.video.num_videos
+    assert [type(r) for r in videos] == [VideoRecord] * (PARAMS.video.num_videos + PARAMS.video.long.num_videos)
     assert len({r.id for r in docs + samples + videos}) == len(docs + samples + videos)
     for doc in docs:
         assert PARAMS.text.min_chars <= len(doc.text) <= PARAMS.text.max_chars
@@ -101,7 +113,9 @@ def test_records_validate_and_match_the_params(corpus):
         assert 0.9 * PARAMS.instruct.context_chars <= len(context) <= 1.1 * PARAMS.instruct.context_chars
     for video in videos:
         info = video_info(corpus / "video" / video.video)
-        assert (info.num_frames, info.height, info.width, info.fps) == (16, 64, 64, 4)
+        is_long = video.id.startswith("long-")
+        assert (info.num_frames, info.height, info.width, info.fps) == (48 if is_long else 16, 64, 64, 4)
+        assert (video.subtitles is not None) == is_long and video.start_s is video.end_s is None
 
 
 def test_no_seven_digit_number_or_machine_path_anywhere(corpus):
@@ -199,27 +213,71 @@ def _shown_digit(frame: np.ndarray) -> int:
     return SEVEN_SEGMENT_DIGITS[lit]
 
 
-def test_video_answers_match_the_decoded_frames(corpus):
+def _frame_answers(frames: np.ndarray) -> dict[str, str]:
+    """What the frames show, keyed by the question (up to its "?") that asks for it."""
+    (first_at, first_rgb), (last_at, last_rgb) = _colour_pixels(frames[0]), _colour_pixels(frames[-1])
+    # Filled fraction of the bounding box: square 1, circle pi/4, triangle 1/2.
+    rows, cols = np.ptp(last_at, axis=0) + 1
+    fill = len(last_at) / (rows * cols)
+    shape = min({"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}.items(), key=lambda item: abs(item[1] - fill))[0]
+    digits = [_shown_digit(frame) for frame in frames]
+    sequence = [d for i, d in enumerate(digits) if i == 0 or d != digits[i - 1]]
+    assert len(sequence) == len(set(sequence))
+    answers = {
+        "Which shape moves across the video": shape,
+        f"Which direction does the {shape} move":
+            "left to right" if last_at[:, 1].mean() > first_at[:, 1].mean() else "right to left",
+        f"What colour is the {shape} at the beginning": _nearest_colour(first_rgb),
+        f"What colour is the {shape} at the end": _nearest_colour(last_rgb),
+        "How many different digits are shown": str(len(sequence)),
+    }
+    answers |= {f"Which digit appears right after {d}": str(e) for d, e in zip(sequence, sequence[1:])}
+    return answers
+
+
+def _subtitle_answers(subtitles: list[Subtitle]) -> dict[str, str]:
+    """What the subtitles say, keyed like `_frame_answers`."""
+    animals = [m.group(1) for s in subtitles if (m := re.fullmatch(r"The keeper points at the (\w+)\.", s.text))]
+    (code,) = [m.group(1) for s in subtitles if (m := re.fullmatch(r"The gate code is (\d+)\.", s.text))]
+    answers = {"Which animal do the subtitles name first": animals[0], "What gate code do the subtitles give": code}
+    answers |= {f"Which animal do the subtitles name right after the {a}": b for a, b in zip(animals, animals[1:])}
+    return answers
+
+
+def test_video_answers_match_the_decoded_frames_and_the_subtitles(corpus):
     background = np.array(BACKGROUND)
     for record in iter_records(corpus / "video" / "qa.jsonl", "video"):
-        frames = read_frames(corpus / "video" / record.video, range(PARAMS.video.num_frames))
-        qa = {record.messages[i].content: record.messages[i + 1].content for i in range(0, len(record.messages), 2)}
-        answers = {question.split("?")[0]: answer for question, answer in qa.items()}
-        shape = answers["Which shape moves across the video"]
-        (first_at, first_rgb), (last_at, last_rgb) = _colour_pixels(frames[0]), _colour_pixels(frames[-1])
-        assert _nearest_colour(first_rgb) == answers[f"What colour is the {shape} at the beginning"]
-        assert _nearest_colour(last_rgb) == answers[f"What colour is the {shape} at the end"]
-        moved_right = last_at[:, 1].mean() > first_at[:, 1].mean()
-        assert answers[f"Which direction does the {shape} move"] == ("left to right" if moved_right else "right to left")
-        # Filled fraction of the bounding box: square 1, circle pi/4, triangle 1/2.
-        rows, cols = np.ptp(last_at, axis=0) + 1
-        fill = len(last_at) / (rows * cols)
-        assert shape == min({"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}.items(),
-                            key=lambda item: abs(item[1] - fill))[0]
+        path = corpus / "video" / record.video
+        frames = read_frames(path, range(video_info(path).num_frames))
         assert np.abs(frames[0, 0, 0].astype(int) - background).max() < 10
-        digits = [_shown_digit(frame) for frame in frames]
-        sequence = [d for i, d in enumerate(digits) if i == 0 or d != digits[i - 1]]
-        assert answers["How many different digits are shown"] == str(len(sequence)) == str(len(set(sequence)))
-        (after_question,) = [q for q in answers if q.startswith("Which digit appears right after")]
-        shown = int(after_question.rsplit(" ", 1)[1])
-        assert answers[after_question] == str(sequence[sequence.index(shown) + 1])
+        from_frames = _frame_answers(frames)
+        from_subtitles = {}
+        if record.subtitles is not None:
+            subtitles = parse_srt(corpus / "video" / record.subtitles)
+            # One after another, across the whole video.
+            assert all(a.end_s <= b.start_s for a, b in zip(subtitles, subtitles[1:]))
+            assert subtitles[-1].end_s <= len(frames) / PARAMS.video.fps
+            from_subtitles = _subtitle_answers(subtitles)
+        asked = {"frames": 0, "subtitles": 0}
+        for question, answer in zip(record.messages[::2], record.messages[1::2]):
+            key = question.content.split("?")[0]
+            source = "subtitles" if key in from_subtitles else "frames"
+            assert answer.content == (from_subtitles | from_frames)[key], question.content
+            asked[source] += 1
+        # Long videos ask about both; their subtitle questions cannot be answered from the frames.
+        assert asked == ({"frames": 3, "subtitles": 3} if record.subtitles else {"frames": 6, "subtitles": 0})
+
+
+def test_default_stage3_sampling_keeps_short_videos_whole_and_every_subtitle_of_long_ones():
+    params = load_params(REPO / "params.yaml")
+    video, sampling = params.data.synth.video, params.stages.stage3.video_frames
+
+    def info(num_frames: int) -> VideoInfo:
+        return VideoInfo(num_frames, float(video.fps), video.height, video.width, num_frames / video.fps)
+
+    assert sample_frames(info(video.num_frames), sampling).indices == list(range(video.num_frames))
+    long = sample_frames(info(video.long.num_frames), sampling)
+    assert video.long.num_frames > len(long.indices) >= 256
+    for seed in range(5):
+        subtitles = narration_subtitles(random_narration(random.Random(seed)), video.long.num_frames, video.fps)
+        assert subtitles_at(subtitles, long.timestamps) == subtitles

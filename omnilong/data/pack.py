@@ -75,7 +75,7 @@ def cut_documents(tokenized: TokenizedStage, seq_len: int, stage: StageName) -> 
             raise PackError(
                 f"video document {entry.id!r} (corpus {entry.corpus!r}) has {length} tokens, more than "
                 f"stages.{stage}.seq_len = {seq_len}, and a video cannot be split; raise "
-                f"stages.{stage}.seq_len or lower stages.{stage}.frames_per_video"
+                f"stages.{stage}.seq_len or sample fewer frames (stages.{stage}.video_frames)"
             )
         pieces += [Piece(doc, start, min(seq_len, length - start)) for start in range(0, length, seq_len)]
     return pieces
@@ -256,6 +256,7 @@ def _pack_rows(
             documents=len(pieces),
             source_documents=tokenized.index.num_documents,
             split_documents=int(np.count_nonzero(tokenized.doc_lengths > seq_len)),
+            skipped_documents=len(tokenized.index.skipped),
         ),
         videos=videos if tokenized.index.kind == "video" else None,
     )

@@ -8,14 +8,19 @@ them with the model's own tokenizer:
   renders for assistant turns (the answer and its end-of-turn token) is trainable.
 - video: like instruct, with the video shown before the first user turn's text; the template's
   single video placeholder token is expanded to as many copies as the model has video tokens for
-  the sampled frames, computed from the video's metadata (no frame is decoded here).
+  the sampled frames (`stages.<stage>.video_frames`, within the record's start/end window),
+  computed from the video's metadata (no frame is decoded here). A record with an .srt gets the
+  subtitles shown at the sampled frames' times, in time order, at the start of that text.
+  A record whose video or .srt cannot be read is skipped, with a warning on stderr, and listed
+  in the index's `skipped`; a stage of which every record is skipped is an error.
 
 `tokenized_dir/<stage>/` holds, written atomically:
 
     tokens.bin      int32 (little-endian), all documents back to back
     trainable.bin   uint8 [same length], 1 where the token is a training target
     offsets.npy     int64 [N + 1], document i is tokens[offsets[i]:offsets[i+1]]
-    index.json      TokenizedIndex: per document its id, corpus and, for video, its VideoClip
+    index.json      TokenizedIndex: per document its id, corpus and, for video, its VideoClip;
+                    the skipped records with the file and the reason
 
 The flat files are appended to as documents stream by, so memory stays flat whatever the corpus size.
 """
@@ -23,6 +28,7 @@ The flat files are appended to as documents stream by, so memory stays flat what
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +44,7 @@ from omnilong.config import (
     STAGE_KIND,
     STAGE_NAMES,
     Family,
+    FrameSampling,
     Params,
     StageName,
     VideoTokenParams,
@@ -53,10 +60,26 @@ from omnilong.data.schemas import (
     iter_records,
 )
 from omnilong.data.shards import VideoClip
-from omnilong.data.video_frames import frame_timestamps, uniform_frame_indices, video_info
+from omnilong.data.subtitles import (
+    SubtitleError,
+    parse_srt,
+    subtitle_text,
+    subtitles_at,
+)
+from omnilong.data.video_frames import (
+    FrameSample,
+    VideoInfo,
+    VideoReadError,
+    sample_frames,
+    video_info,
+)
 from omnilong.models.families import get_family
 from omnilong.models.loading import load_tokenizer
-from omnilong.models.video_inputs import num_video_tokens, seconds_per_grid, video_grid_thw
+from omnilong.models.video_inputs import (
+    num_video_tokens,
+    seconds_per_grid,
+    video_grid_thw,
+)
 
 TOKENS_FILE = "tokens.bin"
 TRAINABLE_FILE = "trainable.bin"
@@ -65,6 +88,8 @@ INDEX_FILE = "index.json"
 TOKEN_DTYPE = np.dtype("<i4")
 # Stands in for an answer to find where a template puts it; no template or answer contains it.
 _SENTINEL = "\x00omnilong-answer\x00"
+# How VideoMME's prompt introduces the subtitles in its with-subtitles setting.
+SUBTITLES_INTRO = "This video's subtitles are listed below:\n"
 
 
 class PrepareError(ValueError):
@@ -81,6 +106,16 @@ class DocumentEntry(_Frozen):
     video: VideoClip | None = None
 
 
+class SkippedDocument(_Frozen):
+    """A record left out because a file it names cannot be read."""
+
+    id: str
+    corpus: str
+    file: str
+    """The unreadable video or subtitle file, relative to the project root (absolute if outside)."""
+    reason: str
+
+
 class TokenizedIndex(_Frozen):
     format_version: Literal[1] = 1
     stage: StageName
@@ -91,6 +126,8 @@ class TokenizedIndex(_Frozen):
     num_tokens: Annotated[int, Field(ge=0)]
     trainable_tokens: Annotated[int, Field(ge=0)]
     documents: list[DocumentEntry]
+    skipped: list[SkippedDocument]
+    """Records left out because a file they name cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -123,15 +160,20 @@ def write_tokenized(
     stage: StageName,
     family: Family,
     pad_token_id: int,
-    documents: Iterable[TokenizedDocument],
+    documents: Iterable[TokenizedDocument | SkippedDocument],
 ) -> TokenizedIndex:
-    """Stream documents into `stage_dir`, replacing it atomically once all are written."""
+    """Stream documents into `stage_dir`, replacing it atomically once all are written; skipped
+    ones are listed in the index."""
     entries: list[DocumentEntry] = []
+    skipped: list[SkippedDocument] = []
     offsets = [0]
     trainable_tokens = 0
     with atomic.atomic_dir(stage_dir) as staging:
         with open(staging / TOKENS_FILE, "wb") as tokens, open(staging / TRAINABLE_FILE, "wb") as masks:
             for doc in documents:
+                if isinstance(doc, SkippedDocument):
+                    skipped.append(doc)
+                    continue
                 if len(doc.token_ids) != len(doc.trainable) or len(doc.token_ids) == 0:
                     raise PrepareError(
                         f"document {doc.entry.id!r} of corpus {doc.entry.corpus!r}: "
@@ -146,7 +188,10 @@ def write_tokenized(
                 handle.flush()
                 os.fsync(handle.fileno())
         if not entries:
-            raise PrepareError(f"stages.{stage}.corpora: no {STAGE_KIND[stage]} record in any of them")
+            unreadable = f" ({len(skipped)} skipped: their files cannot be read)" if skipped else ""
+            raise PrepareError(
+                f"stages.{stage}.corpora: no usable {STAGE_KIND[stage]} record in any of them{unreadable}"
+            )
         np.save(staging / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
         index = TokenizedIndex(
             stage=stage,
@@ -157,6 +202,7 @@ def write_tokenized(
             num_tokens=offsets[-1],
             trainable_tokens=trainable_tokens,
             documents=entries,
+            skipped=skipped,
         )
         atomic.write_text(staging / INDEX_FILE, index.model_dump_json())
     return index
@@ -278,7 +324,7 @@ class _VideoContext:
     family: Family
     model_config: PretrainedConfig
     video: VideoTokenParams
-    frames_per_video: int
+    video_frames: FrameSampling
     video_token_id: int
     root: Path
 
@@ -289,28 +335,23 @@ def _project_relative(path: Path, root: Path) -> str:
 
 
 def _video_clip(
-    context: _VideoContext, record: VideoRecord, video_path: Path, token_offset: int
+    context: _VideoContext, doc_id: str, video_path: Path, info: VideoInfo, sample: FrameSample, token_offset: int
 ) -> VideoClip:
-    info = video_info(video_path)
-    frame_indices = [int(i) for i in uniform_frame_indices(info.num_frames, context.frames_per_video)]
+    num_frames = len(sample.indices)
     num_tokens = num_video_tokens(
-        context.family, context.model_config, context.video, len(frame_indices), info.height, info.width
+        context.family, context.model_config, context.video, num_frames, info.height, info.width
     )
-    # The sampled frames span the whole video, so they play at this rate.
-    sampled_fps = len(frame_indices) * info.fps / info.num_frames
     grid_thw = second_per_grid_t = None
     if context.family == "qwen2_5_vl":
-        grid_thw = list(
-            video_grid_thw(context.model_config, context.video, len(frame_indices), info.height, info.width)
-        )
-        second_per_grid_t = seconds_per_grid(context.model_config, sampled_fps)
+        grid_thw = list(video_grid_thw(context.model_config, context.video, num_frames, info.height, info.width))
+        second_per_grid_t = seconds_per_grid(context.model_config, sample.sampled_fps)
     return VideoClip(
-        doc_id=record.id,
+        doc_id=doc_id,
         path=_project_relative(video_path, context.root),
-        frame_indices=frame_indices,
-        timestamps=frame_timestamps(info, frame_indices),
+        frame_indices=sample.indices,
+        timestamps=sample.timestamps,
         fps=info.fps,
-        sampled_fps=sampled_fps,
+        sampled_fps=sample.sampled_fps,
         height=info.height,
         width=info.width,
         token_offset=token_offset,
@@ -320,19 +361,43 @@ def _video_clip(
     )
 
 
+def _with_subtitles(messages: list[Message], subtitles_path: Path, timestamps: list[float]) -> list[Message]:
+    """The chat with the subtitles shown at `timestamps` leading the first user turn's text."""
+    if not subtitles_path.is_file():
+        raise SubtitleError(f"{subtitles_path}: no such subtitle file")
+    shown = subtitles_at(parse_srt(subtitles_path), timestamps)
+    if not shown:  # none is on screen at a sampled frame: nothing to list
+        return messages
+    first_user = next(i for i, m in enumerate(messages) if m.role == "user")
+    user = messages[first_user]
+    intro = f"{SUBTITLES_INTRO}{subtitle_text(shown)}\n"
+    with_intro = user.model_copy(update={"content": intro + user.content})
+    return [*messages[:first_user], with_intro, *messages[first_user + 1 :]]
+
+
 def video_document(
-    tokenizer: Any, record: VideoRecord, video_path: Path, context: _VideoContext
+    tokenizer: Any, record: VideoRecord, video_dir: Path, context: _VideoContext
 ) -> tuple[np.ndarray, np.ndarray, VideoClip]:
-    """The chat with its one video placeholder expanded to the clip's token count."""
-    token_ids, trainable = chat_document(tokenizer, record.messages, with_video=True)
+    """The chat (with its subtitles, if any) with its one video placeholder expanded to the clip's
+    token count. Raises VideoReadError or SubtitleError when a file the record names is unreadable."""
+    video_path = video_dir / record.video
+    info = video_info(video_path)
+    try:
+        sample = sample_frames(info, context.video_frames, record.start_s, record.end_s)
+    except ValueError as exc:  # the record's window does not fit its video: the record is wrong
+        raise PrepareError(f"{video_path}: {exc}") from None
+    messages = record.messages
+    if record.subtitles is not None:
+        messages = _with_subtitles(messages, video_dir / record.subtitles, sample.timestamps)
+    token_ids, trainable = chat_document(tokenizer, messages, with_video=True)
     placeholders = [i for i, token in enumerate(token_ids) if token == context.video_token_id]
     if len(placeholders) != 1:
         raise PrepareError(
             f"video document {record.id!r}: expected one video placeholder token in the rendered chat, "
-            f"found {len(placeholders)} (does a message's text contain the placeholder itself?)"
+            f"found {len(placeholders)} (does a message's or subtitle's text contain the placeholder itself?)"
         )
     at = placeholders[0]
-    clip = _video_clip(context, record, video_path, token_offset=at)
+    clip = _video_clip(context, record.id, video_path, info, sample, token_offset=at)
     ids, mask = np.asarray(token_ids, dtype=TOKEN_DTYPE), np.asarray(trainable, dtype=bool)
     video_ids = np.full(clip.num_tokens, context.video_token_id, dtype=TOKEN_DTYPE)
     ids = np.concatenate([ids[:at], video_ids, ids[at + 1 :]])
@@ -340,9 +405,18 @@ def video_document(
     return ids, mask, clip
 
 
+def _skipped(
+    path: Path, record: VideoRecord, corpus: str, video_dir: Path, exc: VideoReadError | SubtitleError, root: Path
+) -> SkippedDocument:
+    """The record of an unreadable file, announced on stderr: a dataset never loses one silently."""
+    unreadable = video_dir / (record.video if isinstance(exc, VideoReadError) else record.subtitles)
+    tqdm.write(f"warning: {path}: record {record.id!r} skipped: {exc}", file=sys.stderr)
+    return SkippedDocument(id=record.id, corpus=corpus, file=_project_relative(unreadable, root), reason=str(exc))
+
+
 def _stage_documents(
     params: Params, stage: StageName, tokenizer: Any, model_config: PretrainedConfig, root: Path
-) -> Iterator[TokenizedDocument]:
+) -> Iterator[TokenizedDocument | SkippedDocument]:
     kind = STAGE_KIND[stage]
     context = None
     if kind == "video":
@@ -350,7 +424,7 @@ def _stage_documents(
             family=params.model.family,
             model_config=model_config,
             video=params.model.video,
-            frames_per_video=params.stages[stage].frames_per_video,
+            video_frames=params.stages[stage].video_frames,
             video_token_id=tokenizer.convert_tokens_to_ids(get_family(params.model.family).video_token),
             root=root,
         )
@@ -371,11 +445,12 @@ def _stage_documents(
                     elif isinstance(record, InstructRecord):
                         token_ids, trainable = chat_document(tokenizer, record.messages, with_video=False)
                     else:
-                        token_ids, trainable, clip = video_document(
-                            tokenizer, record, corpus_dir / "video" / record.video, context
-                        )
+                        token_ids, trainable, clip = video_document(tokenizer, record, corpus_dir / "video", context)
                 except PrepareError as exc:
                     raise PrepareError(f"{path}: record {record.id!r}: {exc}") from None
+                except (VideoReadError, SubtitleError) as exc:
+                    yield _skipped(path, record, corpus, corpus_dir / "video", exc, root)
+                    continue
                 yield TokenizedDocument(
                     DocumentEntry(id=record.id, corpus=corpus, video=clip),
                     np.asarray(token_ids, dtype=TOKEN_DTYPE),
@@ -392,10 +467,17 @@ def prepare_corpora(params: Params, root: Path = Path(".")) -> None:
     model_config = AutoConfig.from_pretrained(model_dir)
     for stage in STAGE_NAMES:
         documents = _stage_documents(params, stage, tokenizer, model_config, root)
-        write_tokenized(
+        index = write_tokenized(
             root / params.data.tokenized_dir / stage,
             stage,
             params.model.family,
             tokenizer.pad_token_id,
             tqdm(documents, desc=f"prepare {stage}", unit="doc"),
         )
+        if index.skipped:
+            tqdm.write(
+                f"warning: prepare {stage}: {len(index.skipped)} of {len(index.skipped) + index.num_documents} "
+                f"records skipped (unreadable files, listed under `skipped` in "
+                f"{root / params.data.tokenized_dir / stage / INDEX_FILE})",
+                file=sys.stderr,
+            )

@@ -1,7 +1,7 @@
 """The JSONL record of each corpus kind, shared by the synthesiser, `data add` and `prepare`.
 
 A corpus directory holds `text/*.jsonl`, `instruct/*.jsonl` and `video/qa.jsonl` (+ the
-videos it names, relative to `video/`); a corpus may hold only some of the kinds.
+videos and .srt subtitle files it names, relative to `video/`); a corpus may hold only some of the kinds.
 """
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 CorpusKind = Literal["text", "instruct", "video"]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -54,11 +62,24 @@ class InstructRecord(_Conversation):
 
 
 class VideoRecord(_Conversation):
-    """A chat about a video; the video is shown before the first user turn's text."""
+    """A chat about a video; the video (and its subtitles, if any) come before the first user turn's text."""
 
     id: NonEmptyStr
     video: NonEmptyStr
     """Path of the video file, relative to the corpus's `video/` directory."""
+    start_s: Annotated[float, Field(ge=0)] | None = None
+    end_s: Annotated[float, Field(gt=0)] | None = None
+    """The window of the video the chat is about, in seconds; unset: from its start, to its end."""
+    subtitles: NonEmptyStr | None = None
+    """Path of an .srt subtitle file, relative to the corpus's `video/` directory."""
+
+    @field_validator("end_s")
+    @classmethod
+    def _after_start(cls, end_s: float | None, info: ValidationInfo) -> float | None:
+        start_s = info.data.get("start_s")
+        if end_s is not None and start_s is not None and end_s <= start_s:
+            raise ValueError(f"end_s must be greater than start_s ({start_s}), given {end_s}")
+        return end_s
 
 
 RECORD_TYPES: dict[CorpusKind, type[_Record]] = {

@@ -57,7 +57,8 @@ class VideoClip(_Frozen):
     fps: float
     """Frame rate of the video file."""
     sampled_fps: float
-    """Frame rate of the sampled frames (they span the whole video): the `fps` to preprocess them with."""
+    """Frame rate the sampled frames play at (over the record's window, or the whole video): the
+    `fps` to preprocess them with."""
     height: int
     width: int
     token_offset: NonNegativeInt
@@ -84,6 +85,9 @@ class PackStats(_Frozen):
     source_documents: NonNegativeInt
     split_documents: NonNegativeInt
     """Source documents longer than seq_len, cut into pieces."""
+    skipped_documents: NonNegativeInt
+    """Records left out by prepare because a file they name cannot be read (listed, with the
+    reason, under `skipped` in the tokenized stage's index.json)."""
 
 
 class PackedIndex(_Frozen):

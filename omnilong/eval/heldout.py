@@ -42,7 +42,7 @@ def evaluate_models(params: Params, models: dict[str, Path]) -> dict[str, dict[s
         model = load_model(models[label], dtype=torch.float32).eval()
         # Each stage has its own loss settings; the model is loaded once for all of them.
         results[label] = {
-            stage: heldout_loss(params, TrainingModule(model, params.model.family, params.stages[stage].loss), stage)
+            stage: heldout_loss(params, TrainingModule(model, params.model.family, params.stages[stage].loss, params.model.video), stage)
             for stage in STAGE_NAMES
         }
     return results

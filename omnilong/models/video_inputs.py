@@ -10,6 +10,7 @@ can plan sequences before any frame is decoded.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from omnilong.config import VideoTokenParams
 from omnilong.models.families import FamilySpec, get_family
+from omnilong.models.video_encoders import llava_pooled_side
 
 RESCALE_FACTOR = 1 / 255
 
@@ -46,6 +48,39 @@ def preprocess_video(
     return {"pixel_values_videos": pixels_TCSS.unsqueeze(0)}
 
 
+@dataclass(frozen=True)
+class VideoSpan:
+    """A video's visual tokens as runs of *units* the vision tower encodes independently:
+    Qwen2.5-VL's temporal patches, LLaVA-OneVision's frames (omnilong/models/video_encoders.py)."""
+
+    num_units: int
+    frames_per_unit: int
+    tokens_per_unit: int
+    trailing_tokens: int
+    """Tokens after the last unit's: LLaVA-OneVision's one `image_newline` per video."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_units * self.tokens_per_unit + self.trailing_tokens
+
+
+def video_span(
+    family: str, model_config: PretrainedConfig, video: VideoTokenParams, num_frames: int, height: int, width: int
+) -> VideoSpan:
+    """The units of `num_frames` frames of height x width pixels, known before decoding."""
+    spec = get_family(family)
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be positive, given {num_frames}")
+    vision = model_config.vision_config
+    if spec.name == "qwen2_5_vl":
+        grid_t, grid_h, grid_w = video_grid_thw(model_config, video, num_frames, height, width)
+        # The vision merger folds each merge x merge block of patches into one token.
+        return VideoSpan(grid_t, vision.temporal_patch_size, grid_h * grid_w // vision.spatial_merge_size**2, 0)
+    # Every frame is resized to the tower's square input and its patch grid pooled to a
+    # square; one image_newline embedding follows the whole video.
+    return VideoSpan(num_frames, 1, llava_pooled_side(model_config, video) ** 2, 1)
+
+
 def num_video_tokens(
     family: str,
     model_config: PretrainedConfig,
@@ -55,19 +90,18 @@ def num_video_tokens(
     width: int,
 ) -> int:
     """Video placeholders the model fills for `num_frames` frames of height x width pixels."""
-    spec = get_family(family)
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be positive, given {num_frames}")
-    vision = model_config.vision_config
-    if spec.name == "qwen2_5_vl":
-        grid_t, grid_h, grid_w = video_grid_thw(model_config, video, num_frames, height, width)
-        # The vision merger folds each merge x merge block of patches into one token.
-        return grid_t * grid_h * grid_w // vision.spatial_merge_size**2
-    # Every frame is resized to the tower's square input; its patch grid is pooled by the
-    # stride (rounding up), and one image_newline embedding follows the whole video.
-    grid = vision.image_size // vision.patch_size
-    pooled = math.ceil(grid / video.llava_onevision.pool_stride)
-    return num_frames * pooled * pooled + 1
+    return video_span(family, model_config, video, num_frames, height, width).num_tokens
+
+
+def frame_size(
+    family: str, model_config: PretrainedConfig, video: VideoTokenParams, height: int, width: int
+) -> tuple[int, int]:
+    """(height, width) `preprocess_video` resizes frames of height x width to, so a decoder can
+    resize each batch as it decodes and never hold many full-size frames."""
+    if get_family(family).name == "qwen2_5_vl":
+        return _qwen2_5_vl_frame_size(model_config, video, height, width)
+    side = model_config.vision_config.image_size
+    return side, side
 
 
 def video_grid_thw(

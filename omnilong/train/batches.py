@@ -18,7 +18,9 @@ import torch
 
 from omnilong.config import Family, VideoTokenParams
 from omnilong.data.shards import VideoClip
-from omnilong.data.video_frames import read_frames
+from omnilong.data.video_frames import VideoReadError, read_frames, video_info
+from omnilong.models.video_inputs import VideoSpan, frame_size, preprocess_video, video_span
+from omnilong.parallel.vision import FrameSplit, split_frames
 
 IGNORE_INDEX = -100
 
@@ -29,7 +31,12 @@ class MicroBatch:
     labels: torch.Tensor  # [B, L], shifted: labels[:, i] is the target of position i
     position_ids: torch.Tensor  # [B, L], or [3, B, L] (Qwen2.5-VL mRoPE)
     doc_lens: list[list[int]]  # per row; the rest of the row is padding
-    videos: dict[str, torch.Tensor] = field(default_factory=dict)  # model kwargs, e.g. pixel_values_videos
+    videos: list[VideoSpan] = field(default_factory=list)
+    """Every video of the batch, in the order of their placeholders."""
+    video_pieces: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    """Vision-encoder inputs of the units this rank encodes (`FrameSplit.unit_ranges`)."""
+    tokens_per_rank: list[int] = field(default_factory=list)
+    video_token_id: int | None = None
 
     @property
     def num_valid(self) -> int:
@@ -62,50 +69,116 @@ def rows_for_step(
     return picks
 
 
-def _video_inputs(
-    clips: list[VideoClip], family: Family, model_config, video_params: VideoTokenParams
-) -> dict[str, torch.Tensor]:
-    from omnilong.models.video_inputs import preprocess_video
-
-    per_clip = [
-        preprocess_video(
-            family, read_frames(clip.path, clip.frame_indices), model_config, video_params, fps=clip.sampled_fps
+def clip_span(clip: VideoClip, family: Family, model_config, video_params: VideoTokenParams) -> VideoSpan:
+    span = video_span(family, model_config, video_params, len(clip.frame_indices), clip.height, clip.width)
+    if span.num_tokens != clip.num_tokens:
+        raise ValueError(
+            f"{clip.path}: the packed data planned {clip.num_tokens} video tokens, model.video now gives "
+            f"{span.num_tokens}; re-run `dvc repro` to prepare and pack again"
         )
-        for clip in clips
-    ]
-    if not per_clip:
-        return {}
-    # Both families take the videos of a batch concatenated along dim 0 (Qwen2.5-VL: patches,
-    # with one grid row per video; LLaVA-OneVision: one [T, C, S, S] entry per video).
-    return {key: torch.cat([inputs[key] for inputs in per_clip]) for key in per_clip[0]}
+    return span
+
+
+def load_video_pieces(
+    clips: list[VideoClip], split: FrameSplit, family: Family, model_config, video_params: VideoTokenParams
+) -> list[dict[str, torch.Tensor]]:
+    """Decode and preprocess only the frames of the units in `split`, resized batch by batch as
+    they are decoded (so at most one decode batch of full-size frames is in memory)."""
+    pieces = []
+    for video, first, end in split.unit_ranges:
+        clip = clips[video]
+        frames_per_unit = clip_span(clip, family, model_config, video_params).frames_per_unit
+        indices = clip.frame_indices[first * frames_per_unit : end * frames_per_unit]
+        size = frame_size(family, model_config, video_params, clip.height, clip.width)
+        frames = read_frames(clip.path, indices, size=size)
+        pieces.append(preprocess_video(family, frames, model_config, video_params, fps=clip.sampled_fps))
+    return pieces
 
 
 def collate(
-    rows: list[dict], *, family: Family, model_config, video_params: VideoTokenParams
+    rows: list[dict], *, family: Family, model_config, video_params: VideoTokenParams,
+    sp_rank: int = 0, sp_size: int = 1,
 ) -> MicroBatch:
+    """A micro-batch of packed rows; with sp_size > 1, with only rank `sp_rank`'s share of the frames."""
     position_ids = torch.stack([row["position_ids"] for row in rows], dim=-2)  # [B, L] or [3, B, L]
     clips = [clip for row in rows for clip in row.get("videos") or []]
+    spans = [clip_span(clip, family, model_config, video_params) for clip in clips]
+    split = split_frames(spans, sp_size, sp_rank)
     return MicroBatch(
         input_ids=torch.stack([row["input_ids"] for row in rows]).long(),
         labels=shift_labels(torch.stack([row["labels"] for row in rows]).long()),
         position_ids=position_ids.long(),
         doc_lens=[[int(n) for n in row["doc_lens"]] for row in rows],
-        videos=_video_inputs(clips, family, model_config, video_params),
+        videos=spans,
+        video_pieces=load_video_pieces(clips, split, family, model_config, video_params) if clips else [],
+        tokens_per_rank=split.tokens_per_rank if clips else [],
+        video_token_id=video_token_id(family, model_config) if clips else None,
     )
 
 
-def micro_batches(
-    dataset: torch.utils.data.Dataset, *, step: int, micro_batch_size: int, grad_accum_steps: int,
-    dp_rank: int, dp_size: int, seed: int, family: Family, model_config, video_params: VideoTokenParams,
-) -> list[MicroBatch]:
-    """The `grad_accum_steps` micro-batches this data-parallel rank trains on at optimizer step `step`."""
-    return [
-        collate(
-            [dataset[i] for i in rows_for_step(
-                len(dataset), step=step, micro=micro, micro_batch_size=micro_batch_size,
-                grad_accum_steps=grad_accum_steps, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-            )],
-            family=family, model_config=model_config, video_params=video_params,
-        )
-        for micro in range(grad_accum_steps)
-    ]
+def video_token_id(family: Family, model_config) -> int:
+    return model_config.video_token_id if family == "qwen2_5_vl" else model_config.video_token_index
+
+
+@dataclass
+class StepData:
+    """What a rank trains on at one optimizer step, and the rows it had to skip to get it."""
+
+    micro_batches: list[MicroBatch]
+    skipped: list[str]
+    """One line per row skipped because a video in it could not be read."""
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Optimizer step -> this rank's micro-batches, for a DataLoader.
+
+    Run in DataLoader workers, so videos decode while the previous step trains; each rank of a
+    sequence-parallel group decodes only the frames it encodes. A row with a video that cannot
+    be opened is skipped (with its reason, for the step log) and the next row in the epoch's
+    order takes its place; every rank of the group runs the same check on the same rows, so
+    they skip alike. A frame that fails to decode after the video opened raises: the ranks
+    decode different frames and could not agree on a skip.
+    """
+
+    def __init__(
+        self, datasets: dict[int, torch.utils.data.Dataset], seq_len_at, *, num_steps: int,
+        micro_batch_size: int, grad_accum_steps: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
+        seed: int, family: Family, model_config, video_params: VideoTokenParams,
+    ):
+        self.datasets, self.seq_len_at, self.num_steps = datasets, seq_len_at, num_steps
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
+        self.seed, self.family, self.model_config, self.video_params = seed, family, model_config, video_params
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> StepData:
+        dataset = self.datasets[self.seq_len_at(step)]
+        skipped: list[str] = []
+        batches = []
+        for micro in range(self.grad_accum_steps):
+            rows = [
+                self._openable_row(dataset, row, skipped)
+                for row in rows_for_step(
+                    len(dataset), step=step, micro=micro, micro_batch_size=self.micro_batch_size,
+                    grad_accum_steps=self.grad_accum_steps, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                    seed=self.seed,
+                )
+            ]
+            batches.append(collate(rows, family=self.family, model_config=self.model_config,
+                                   video_params=self.video_params, sp_rank=self.sp_rank, sp_size=self.sp_size))
+        return StepData(batches, skipped)
+
+    @staticmethod
+    def _openable_row(dataset, row: int, skipped: list[str]) -> dict:
+        for attempt in range(len(dataset)):
+            candidate = dataset[(row + attempt) % len(dataset)]
+            try:
+                for clip in candidate.get("videos") or []:
+                    video_info(clip.path)
+            except VideoReadError as exc:
+                skipped.append(str(exc))
+                continue
+            return candidate
+        raise VideoReadError(f"no row of the dataset has videos that open; last error: {skipped[-1]}")

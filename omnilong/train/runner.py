@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,11 @@ import torch.distributed as dist
 from omnilong.config import STAGE_NAMES, Params, StageName, load_params
 from omnilong.parallel.mesh import build_mesh
 from omnilong.train import checkpoint
-from omnilong.train.batches import IGNORE_INDEX, MicroBatch, micro_batches
+from omnilong.train.batches import IGNORE_INDEX, MicroBatch, StepBatches
 from omnilong.train.deepspeed_config import deepspeed_config, resolve_precision
 from omnilong.train.schedule import lr_factor
 from omnilong.train.step_log import StepLogger
-from omnilong.train.training_module import TrainingModule, model_inputs
+from omnilong.train.training_module import TrainingModule, model_inputs, video_shard
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,6 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from omnilong.loss.head import ChunkedLMHeadLoss
     from omnilong.models.loading import load_model
 
     stage = params.stages[run.stage]
@@ -94,13 +94,8 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
         from omnilong.train.lora import add_lora
 
         model = add_lora(model, train.lora)
-    module = TrainingModule(model, params.model.family, stage.loss)
-    if not getattr(model.config, "tie_word_embeddings", False):
-        # The loss reads the head's weight without calling the head: gather it at the loss.
-        # A head tied to the embeddings is not marked: ZeRO-3 then leaves a stray gradient on the
-        # shared parameter and fails its step; unmarked, the shared weight is gathered with the
-        # embeddings (tests/test_train_stage.py checks both cases against the reference loss).
-        deepspeed.utils.set_z3_leaf_modules(module, [ChunkedLMHeadLoss])
+    module = TrainingModule(model, params.model.family, stage.loss, params.model.video)
+    prepare_for_zero3(module)
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))
@@ -108,6 +103,25 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, ds_config, hf_ds_config
+
+
+def prepare_for_zero3(module: TrainingModule) -> None:
+    """Tell ZeRO-3 which partitioned weights `module` reads outside their owners' forward."""
+    import deepspeed
+
+    from omnilong.loss.head import ChunkedLMHeadLoss
+
+    model = module.model.get_base_model() if hasattr(module.model, "get_base_model") else module.model
+    if module.family == "llava_onevision":
+        # The video merge reads LLaVA-OneVision's `image_newline` outside the forward of the
+        # module that owns it: ZeRO-3 must gather it for this module's forward instead.
+        deepspeed.zero.register_external_parameter(module, model.model.image_newline)
+    if not getattr(model.config, "tie_word_embeddings", False):
+        # The loss reads the head's weight without calling the head: gather it at the loss.
+        # A head tied to the embeddings is not marked: ZeRO-3 then leaves a stray gradient on the
+        # shared parameter and fails its step; unmarked, the shared weight is gathered with the
+        # embeddings (tests/test_train_stage.py checks both cases against the reference loss).
+        deepspeed.utils.set_z3_leaf_modules(module, [ChunkedLMHeadLoss])
 
 
 @dataclass(frozen=True)
@@ -147,8 +161,17 @@ def step_inputs(batch: MicroBatch, family, device: torch.device, sp: SequencePar
         layout = SequenceLayout(batch.input_ids.shape[1], sp.size, sharding_scheme(sp.backend, batch.doc_lens))
         shard = shard_sample(kwargs["input_ids"], kwargs["labels"], kwargs["position_ids"], batch.doc_lens, layout, sp.rank)
         kwargs = {"input_ids": shard.inputs, "labels": shard.labels, "position_ids": shard.position_ids}
+        if batch.videos:
+            # The loader decoded only this rank's share of the frames (StepBatches).
+            kwargs["video"] = video_shard(batch, layout, sp.rank, sp.group)
         attention = ring_attention_context(shard.documents, sp.group, sp.backend)
     return StepInputs({key: value.to(device) for key, value in kwargs.items()}, attention)
+def loader_workers(num_workers: int) -> dict:
+    """DataLoader settings: videos decode in `num_workers` processes, at most two steps ahead
+    (bounded memory); 0 decodes in the training process."""
+    if num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "prefetch_factor": 2, "persistent_workers": True}
 
 
 def _all_reduce_sum(value: float, device: torch.device) -> float:
@@ -219,17 +242,30 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
         resumed_run_id=resumed.get("mlflow_run_id") if resumed else None,
     )
     logger.start(start_step)
-    for step in range(start_step, train.max_steps):
-        started = time.perf_counter()
-        batches = micro_batches(
-            datasets[stage.seq_len_at(step)], step=step, micro_batch_size=train.micro_batch_size, grad_accum_steps=train.grad_accum_steps,
-            dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, seed=params.seed + train.seed,
+    step_data = torch.utils.data.DataLoader(
+        StepBatches(
+            datasets, stage.seq_len_at, num_steps=train.max_steps,
+            micro_batch_size=train.micro_batch_size, grad_accum_steps=train.grad_accum_steps,
+            dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size,
+            seed=params.seed + train.seed,
             family=params.model.family, model_config=model_config, video_params=params.model.video,
-        )
-        loss, global_tokens = train_step(engine, batches, params.model.family, device, sp)
+        ),
+        sampler=range(start_step, train.max_steps), batch_size=None,
+        **loader_workers(params.data.loader_workers),
+    )
+    skipped_rows, step_data = 0, iter(step_data)
+    for step in range(start_step, train.max_steps):
+        started = time.perf_counter()  # waiting for the data counts in the step's time
+        data = next(step_data)
+        for reason in data.skipped:
+            print(f"[rank {dist.get_rank()}] step {step}: skipped a row: {reason}", file=sys.stderr, flush=True)
+        skipped_rows += len(data.skipped)
+        loss, global_tokens = train_step(engine, data.micro_batches, params.model.family, device, sp)
         logger.step(
             step, seq_len=stage.seq_len_at(step), loss=loss, lr=engine.get_lr()[0], tokens=global_tokens,
             seconds=time.perf_counter() - started, grad_norm=engine.get_global_grad_norm(),
+            # Every rank of a sequence-parallel group skips the same rows: count them once.
+            skipped_rows=int(_all_reduce_sum(skipped_rows, device)) // mesh.sp_size,
         )
         next_step = step + 1
         if next_step % train.checkpoint_every == 0 or next_step == train.max_steps:

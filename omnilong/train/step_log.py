@@ -120,7 +120,11 @@ class StepLogger:
         client.log_dict(self.run_id, self.ds_config, "deepspeed_config.json")
         client.log_artifact(self.run_id, str(self.params_file))
 
-    def step(self, step: int, *, seq_len: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm) -> None:
+    def step(
+        self, step: int, *, seq_len: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm,
+        skipped_rows: int = 0,
+    ) -> None:
+        """`skipped_rows`: rows skipped so far because a video could not be read."""
         memory = _gather_floats(peak_memory_mb())
         if not self.is_main:
             return
@@ -133,6 +137,7 @@ class StepLogger:
             "train/tokens_per_s": tokens / seconds,
             "train/step_seconds": seconds,
             "train/seq_len": seq_len,
+            "data/skipped_rows": skipped_rows,
             **{f"memory/peak_mb_rank{rank}": mb for rank, mb in enumerate(memory)},
         }
         if grad_norm is not None:
@@ -144,7 +149,8 @@ class StepLogger:
         memory_text = " ".join(f"r{rank}:{mb:.0f}MB" for rank, mb in enumerate(memory))
         print(
             f"[{self.run.stage}] step {step + 1}/{self.params.stages[self.run.stage].train.max_steps} "
-            f"seq {seq_len} loss {loss:.4f} lr {lr:.2e} {tokens / seconds:,.0f} tok/s peak {memory_text}",
+            f"seq {seq_len} loss {loss:.4f} lr {lr:.2e} {tokens / seconds:,.0f} tok/s peak {memory_text}"
+            + (f" skipped rows {skipped_rows}" if skipped_rows else ""),
             flush=True,
         )
 

@@ -9,10 +9,13 @@ loss runs and its gradient reaches the partition. Nothing here changes the model
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from omnilong.config import Family, LossParams
+from omnilong.config import Family, LossParams, VideoTokenParams
 from omnilong.loss.head import ChunkedLMHeadLoss
+from omnilong.parallel.vision import VideoShard, video_sources
+from omnilong.parallel.zigzag import SequenceLayout, shard_sequence
 from omnilong.train.batches import MicroBatch
 
 
@@ -41,17 +44,31 @@ def language_model_positions(family: Family, position_ids: torch.Tensor, doc_len
     return torch.cat([text.unsqueeze(0), mrope])
 
 
-def model_inputs(batch: MicroBatch, family: Family) -> dict[str, torch.Tensor]:
+def video_shard(batch: MicroBatch, layout: SequenceLayout | None = None, rank: int = 0,
+                group: dist.ProcessGroup | None = None) -> VideoShard:
+    """The `video` argument of `TrainingModule` for a micro-batch with videos, loaded for
+    sequence-parallel rank `rank` of `group` (whole rows: `layout` None)."""
+    source = video_sources(batch.input_ids, batch.video_token_id, batch.videos)
+    if layout is not None:
+        source = shard_sequence(source, layout, rank, dim=1)
+    return VideoShard(batch.video_pieces, batch.tokens_per_rank, source, group)
+
+
+def model_inputs(batch: MicroBatch, family: Family) -> dict:
     """The keyword arguments of `TrainingModule` for a micro-batch of whole (unsharded) rows."""
     positions = language_model_positions(family, batch.position_ids, batch.doc_lens)
-    return {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": positions, **batch.videos}
+    kwargs = {"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": positions}
+    if batch.videos:
+        kwargs["video"] = video_shard(batch)
+    return kwargs
 
 
 class TrainingModule(nn.Module):
-    def __init__(self, model: nn.Module, family: Family, loss: LossParams):
+    def __init__(self, model: nn.Module, family: Family, loss: LossParams, video: VideoTokenParams = VideoTokenParams()):
         super().__init__()
         self.model = model
         self.family = family
+        self.video = video
         self.loss_head = ChunkedLMHeadLoss(model.lm_head, loss)
 
     def forward(
@@ -59,12 +76,13 @@ class TrainingModule(nn.Module):
         input_ids: torch.Tensor,  # [B, L_local]
         labels: torch.Tensor,  # [B, L_local], already shifted
         position_ids: torch.Tensor,
-        **multimodal: torch.Tensor,
+        video: VideoShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss summed over this rank's valid tokens, their count)."""
         # The decoder without the LM head; under LoRA, that of the model PEFT wraps.
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden_BLH = model.model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **multimodal
-        ).last_hidden_state
+        # Videos are encoded here, not by the model's forward, so a sequence-parallel group can
+        # share the frames (omnilong/parallel/vision.py); the decoder gets merged embeddings.
+        inputs = {"input_ids": input_ids} if video is None else {"inputs_embeds": video.embed(model, self.family, self.video, input_ids)}
+        hidden_BLH = model.model(position_ids=position_ids, use_cache=False, **inputs).last_hidden_state
         return self.loss_head(hidden_BLH.flatten(0, 1), labels.flatten())

@@ -4,7 +4,8 @@ Layout written to `out_dir` (atomically, as a whole):
     text/documents.jsonl    TextRecord: stage-1 long documents from code and docs on this machine
     instruct/samples.jsonl  InstructRecord: stage-2 long-context retrieval and QA chats
     video/video-*.mp4       stage-3 rendered scenes
-    video/qa.jsonl          VideoRecord: questions the scenes answer
+    video/long-video-*.mp4  stage-3 long scenes, each with its subtitles in long-video-*.srt
+    video/qa.jsonl          VideoRecord: questions the scenes (and subtitles) answer
 
 The same seed and sources give byte-identical files: every choice comes from seeded
 generators, JSON is written with sorted keys and fixed separators, and nothing records a time
@@ -29,7 +30,10 @@ from omnilong.data.synth.video import synthesize_videos
 
 def to_jsonl(records: Iterable[BaseModel]) -> str:
     return "".join(
-        json.dumps(record.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+        json.dumps(
+            record.model_dump(mode="json", exclude_none=True),
+            sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+        ) + "\n"
         for record in records
     )
 
@@ -47,6 +51,7 @@ def synthesize_default_corpus(params: SynthParams, out_dir: Path) -> None:
 
         video_dir = staging / "video"
         video_dir.mkdir()
-        videos = tqdm(synthesize_videos(params.video, params.seed, video_dir), total=params.video.num_videos,
+        videos = tqdm(synthesize_videos(params.video, params.seed, video_dir),
+                      total=params.video.num_videos + params.video.long.num_videos,
                       desc="synth video", unit="video")
         write_text(video_dir / "qa.jsonl", to_jsonl(videos))

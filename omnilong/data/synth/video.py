@@ -1,9 +1,14 @@
-"""Stage-3 videos: short rendered scenes whose questions follow from what is drawn.
+"""Stage-3 videos: rendered scenes whose questions follow from what is drawn or said.
 
 Each scene shows a seven-segment digit in the upper part that changes from segment to segment
 of the video, and a shape in the lower part that moves horizontally across the frame and
 changes colour half-way. Questions ask for the digit after another, the number of digits, the
 shape, its direction and its colour at the beginning and the end.
+
+Long videos play the same kind of scene over many more frames and come with an .srt file:
+a keeper names animals one after another and, once, a gate code. Half of their questions are
+about the frames, half only the subtitles answer (which animal comes first, which one follows
+another, the code), so training on them needs both the frames and the subtitles.
 
 Frames are drawn with PIL and encoded with PyAV (libx264, yuv420p). The encoder runs on one
 thread with fixed options and a fixed time base, which makes the mp4 bytes depend only on the
@@ -24,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from omnilong.config import VideoSynthParams
 from omnilong.data.schemas import Message, VideoRecord
+from omnilong.data.subtitles import Subtitle
 
 # Saturated colours far apart in RGB, so they survive 4:2:0 chroma subsampling distinguishably.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -50,6 +56,15 @@ MIN_DIGITS, MAX_DIGITS = 3, 5
 ENCODER_OPTIONS = {"crf": "18", "preset": "medium", "g": "16", "threads": "1"}
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1, inclusive as PIL draws rectangles
+
+# Subtitles of a long video: this many lines, one per equal slot of the video, each shown for the
+# first SUBTITLE_SHOWN_FRACTION of its slot (512 frames at 4 fps: 8.5 s of every 10.7 s).
+SUBTITLE_LINES = 12
+SUBTITLE_SHOWN_FRACTION = 0.8
+ANIMALS = (
+    "otter", "heron", "badger", "lynx", "walrus", "gecko", "bison", "koala", "marten", "puffin",
+    "ibis", "tapir", "jackal", "okapi", "raven", "stoat", "wombat", "zebra", "moose", "beaver",
+)
 
 
 @dataclass(frozen=True)
@@ -164,14 +179,102 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     return questions
 
 
+@dataclass(frozen=True)
+class Narration:
+    """What a long video's subtitles say: animals named in turn, and a gate code once."""
+
+    animals: tuple[str, ...]
+    code: int
+    code_line: int
+    """Which subtitle line gives the code instead of an animal."""
+
+    def lines(self) -> list[str]:
+        animals = iter(self.animals)
+        return [
+            f"The gate code is {self.code}." if line == self.code_line else f"The keeper points at the {next(animals)}."
+            for line in range(len(self.animals) + 1)
+        ]
+
+
+def random_narration(rng: random.Random) -> Narration:
+    return Narration(
+        animals=tuple(rng.sample(ANIMALS, SUBTITLE_LINES - 1)),
+        code=rng.randrange(1000, 10_000),
+        code_line=rng.randrange(SUBTITLE_LINES),
+    )
+
+
+def narration_subtitles(narration: Narration, num_frames: int, fps: int) -> list[Subtitle]:
+    """One subtitle per equal slot of the video, times on whole milliseconds (as .srt writes them)."""
+    duration_ms = num_frames * 1000 // fps
+    lines = narration.lines()
+    shown_ms = round(SUBTITLE_SHOWN_FRACTION * duration_ms / len(lines))
+    subtitles = []
+    for i, text in enumerate(lines):
+        start_ms = i * duration_ms // len(lines)
+        subtitles.append(Subtitle(start_s=start_ms / 1000, end_s=(start_ms + shown_ms) / 1000, text=text))
+    return subtitles
+
+
+def _srt_time(seconds: float) -> str:
+    total_ms = round(seconds * 1000)
+    hours, rest = divmod(total_ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d},{rest % 1000:03d}"
+
+
+def srt_text(subtitles: list[Subtitle]) -> str:
+    """SubRip: numbered blocks of a time range and the text, separated by blank lines."""
+    return "".join(
+        f"{number}\n{_srt_time(sub.start_s)} --> {_srt_time(sub.end_s)}\n{sub.text}\n\n"
+        for number, sub in enumerate(subtitles, start=1)
+    )
+
+
+def narration_questions(narration: Narration, rng: random.Random) -> list[tuple[str, str]]:
+    """(question, answer) pairs that only the subtitles answer."""
+    position = rng.randrange(len(narration.animals) - 1)
+    return [
+        ("Which animal do the subtitles name first? Answer with one word.", narration.animals[0]),
+        (f"Which animal do the subtitles name right after the {narration.animals[position]}? Answer with one word.",
+         narration.animals[position + 1]),
+        ("What gate code do the subtitles give? Answer with the number only.", str(narration.code)),
+    ]
+
+
+def _chat(questions: list[tuple[str, str]]) -> list[Message]:
+    messages = []
+    for question, answer in questions:
+        messages += [Message(role="user", content=question), Message(role="assistant", content=answer)]
+    return messages
+
+
 def synthesize_videos(params: VideoSynthParams, seed: int, video_dir: Path) -> Iterator[VideoRecord]:
-    """Render and encode `params.num_videos` videos into `video_dir`; yield one multi-turn chat each."""
+    """Render and encode the short then the long videos into `video_dir` (with the long ones'
+    .srt files); yield one multi-turn chat per video."""
     rng = random.Random(f"{seed}:video")
     for index in range(params.num_videos):
         scene = random_scene(rng, params.num_frames)
-        name = f"video-{index:05d}.mp4"
-        encode_mp4([render_frame(scene, t, params) for t in range(params.num_frames)], video_dir / name, params.fps)
-        messages = []
-        for question, answer in scene_questions(scene, rng):
-            messages += [Message(role="user", content=question), Message(role="assistant", content=answer)]
-        yield VideoRecord(id=f"video-{index:05d}", video=name, messages=messages)
+        name = f"video-{index:05d}"
+        encode_mp4(
+            [render_frame(scene, t, params) for t in range(params.num_frames)], video_dir / f"{name}.mp4", params.fps
+        )
+        yield VideoRecord(id=name, video=f"{name}.mp4", messages=_chat(scene_questions(scene, rng)))
+
+    # A generator of their own: adding long videos leaves the short ones as they were.
+    rng = random.Random(f"{seed}:long-video")
+    # The short videos' size and rate with the long frame count, as the renderer reads them.
+    long_params = params.model_copy(update={"num_frames": params.long.num_frames})
+    for index in range(params.long.num_videos):
+        scene, narration = random_scene(rng, long_params.num_frames), random_narration(rng)
+        name = f"long-video-{index:05d}"
+        encode_mp4(
+            [render_frame(scene, t, long_params) for t in range(long_params.num_frames)],
+            video_dir / f"{name}.mp4",
+            params.fps,
+        )
+        subtitles = narration_subtitles(narration, long_params.num_frames, params.fps)
+        (video_dir / f"{name}.srt").write_text(srt_text(subtitles), encoding="utf-8")
+        questions = scene_questions(scene, rng)[:3] + narration_questions(narration, rng)
+        rng.shuffle(questions)
+        yield VideoRecord(id=name, video=f"{name}.mp4", subtitles=f"{name}.srt", messages=_chat(questions))
