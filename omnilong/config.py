@@ -343,13 +343,73 @@ DepthPercents = Annotated[list[Annotated[float, Field(ge=0, le=100)]], Field(min
 
 
 class NiahParams(_Params):
+    """Text needle-in-a-haystack (omnilong/eval/niah.py)."""
+
     context_lengths: Annotated[list[PositiveInt], Field(min_length=1)] = [256, 512]
+    """Tokens of the whole prompt as the model's chat template renders it (haystack, needle,
+    question and the template's own tokens, generation prompt included)."""
     depths: DepthPercents = [0.0, 50.0, 100.0]
+    needles_per_cell: PositiveInt = 1
+    """Needles tried per (length, depth) cell, each with its own city and number; the cell
+    scores the fraction found."""
+    seed: int = 0
+    """Draws the needles' cities and numbers."""
+    max_new_tokens: PositiveInt = 32
+    haystack_dir: str | None = None
+    """A corpus directory (`text/*.jsonl` of text records) the haystack is cut from; null: the
+    stage-1 corpora under `data.raw_dir`."""
+
+    @model_validator(mode="after")
+    def _distinct(self) -> NiahParams:
+        for field in ("context_lengths", "depths"):
+            values = getattr(self, field)
+            if len(set(values)) != len(values):
+                raise _FieldError(field, "distinct values (each is one row or column of the grid)", values)
+        return self
 
 
 class VniahParams(_Params):
+    haystack: str | None = None
+    """The haystack video; null: the default corpus's first long synthetic video."""
     frame_counts: Annotated[list[PositiveInt], Field(min_length=1)] = [16, 32]
     depths: DepthPercents = [0.0, 50.0, 100.0]
+    max_new_tokens: PositiveInt = 8
+
+
+VideommeSetting = Literal["without_subtitles", "with_subtitles"]
+
+
+class VideommeParams(_Params):
+    """VideoMME (omnilong/eval/videomme.py): the benchmark's multiple-choice prompt and scoring."""
+
+    annotations: str | None = None
+    """The benchmark's annotation file: its JSON (a list of videos with their questions) or the
+    Hugging Face parquet (videomme/test-00000-of-00001.parquet, one row per question). null: a small
+    synthetic fixture in the same layout, written beside the results."""
+    video_dir: str | None = None
+    """Where the videos (<videoID>.mp4, .mkv or .webm, also under data/ or video/) and subtitles
+    (subtitle/<videoID>.srt, or beside the videos) are; null: the annotation file's directory."""
+    frames: FrameSampling = FrameSampling(num_frames=16)
+    """The frames the model sees of each video; the subtitle setting shows the subtitles on screen at them."""
+    settings: Annotated[list[VideommeSetting], Field(min_length=1)] = ["without_subtitles", "with_subtitles"]
+    max_new_tokens: PositiveInt = 16
+    """lmms-eval's VideoMME tasks generate at most 16 tokens too."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VideommeParams:
+        if len(set(self.settings)) != len(self.settings):
+            raise _FieldError("settings", "each setting at most once", self.settings)
+        if self.video_dir is not None and self.annotations is None:
+            raise _FieldError("video_dir", "unset unless annotations is set (the fixture has its own)", self.video_dir)
+        return self
+
+
+class GateParams(_Params):
+    """Promotion: the `candidate` model (a label of `omnilong evaluate --model`) becomes the
+    registered model's `champion` only if its `metric` is not below the current champion's."""
+
+    metric: Annotated[str, Field(min_length=1)] = "videomme.with_subtitles.overall.official.accuracy"
+    candidate: Annotated[str, Field(min_length=1)] = "stage3"
 
 
 class EvalParams(_Params):
@@ -357,6 +417,8 @@ class EvalParams(_Params):
     """Packed rows per stage kept out of training; held-out loss and perplexity are measured on them."""
     niah: NiahParams = NiahParams()
     vniah: VniahParams = VniahParams()
+    videomme: VideommeParams = VideommeParams()
+    gate: GateParams = GateParams()
 
 
 class TrackingParams(_Params):

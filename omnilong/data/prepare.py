@@ -244,7 +244,7 @@ def text_document(tokenizer: Any, record: TextRecord) -> tuple[list[int], list[b
     return token_ids, [True] * len(token_ids)
 
 
-def _template_messages(messages: list[Message], with_video: bool) -> list[dict[str, Any]]:
+def template_messages(messages: list[Message], with_video: bool) -> list[dict[str, Any]]:
     """Messages as multimodal chat templates take them: content as a list of typed parts."""
     rendered = []
     first_user = next(i for i, m in enumerate(messages) if m.role == "user")
@@ -268,7 +268,7 @@ def chat_segments(tokenizer: Any, messages: list[Message], with_video: bool) -> 
     (`assistant\n`) differs from the header it renders in a conversation (`assistant \n`).
     Whitespace after the end-of-turn token is not trained either: the model stops at that token.
     """
-    chat = _template_messages(messages, with_video)
+    chat = template_messages(messages, with_video)
 
     def render(prefix: list[dict[str, Any]]) -> str:
         return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=False)

@@ -173,5 +173,11 @@ class VideoShard:
         trailing = trailing_embedding(model, family)
         if trailing is not None:
             videos = torch.cat([videos, trailing.to(videos.dtype)])
-        is_video = self.source != NOT_VIDEO
-        return token_embeds.masked_scatter(is_video[..., None], videos[self.source[is_video]].to(token_embeds.dtype))
+        return merge_video_embeddings(token_embeds, self.source, videos)
+
+
+def merge_video_embeddings(token_embeds: torch.Tensor, source: torch.Tensor, videos: torch.Tensor) -> torch.Tensor:
+    """`token_embeds` [B, L, hidden] with each video placeholder replaced by its row of `videos`
+    (the units' embeddings, then the trailing one), as `source` [B, L] (`video_sources`) maps them."""
+    is_video = source != NOT_VIDEO
+    return token_embeds.masked_scatter(is_video[..., None], videos[source[is_video]].to(token_embeds.dtype))
