@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast serve ui
+.PHONY: install run test test-fast serve ui readme-plots
 
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,10 @@ serve: install  ## Prefect server on 127.0.0.1:4200 + the omnilong deployments; 
 
 ui: install  ## the MLflow UI on http://127.0.0.1:5000 over the project's store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+readme-plots:  ## copy the last run's stage-3 evaluation plots to docs/images (README.md shows them)
+	mkdir -p docs/images
+	cp runs/eval-full/stage3/niah/niah.png docs/images/niah_stage3.png
+	cp runs/eval-full/stage3/vniah/vniah_teacher_forced.png docs/images/vniah_teacher_forced_stage3.png
+	cp runs/eval-full/stage3/videomme/videomme_accuracy_by_duration.png docs/images/videomme_stage3.png
+	cp runs/eval-full/comparison.png docs/images/evaluation_comparison.png

@@ -32,7 +32,7 @@ from omnilong.tracking.runs import PARENT_RUN_ENV, create_run
 from omnilong.tracking.store import tracking_uri
 
 # The final DVC stage of each pipeline variant; the rest follows from dvc.yaml.
-VARIANT_TARGETS = {"full": "evaluate", "no-stage2": "evaluate-no-stage2"}
+VARIANT_TARGETS = {"full": "evaluate", "no-stage2": "ablation-report"}
 TRAIN_STAGE_PREFIX = "train@"
 
 
@@ -146,8 +146,10 @@ def omnilong_pipeline(
         f"pipeline '{variant}' finished in {time.monotonic() - started:.0f} s\n"
         f"packed data:\n{packed_summary(params, repo_root)}\n"
         f"registered models:\n{models}\n"
-        f"held-out metrics: runs/eval-{variant}/heldout.json\n"
-        f"MLflow parent run {parent_run_id}; browse with `make ui` "
+        f"evaluation: runs/eval-{variant}/ (heldout.json, metrics.json, comparison.png, each model's NIAH, "
+        f"V-NIAH and VideoMME results and plots)\n"
+        + ("ablation report: runs/ablation/ablation.md\n" if variant == "no-stage2" else "")
+        + f"MLflow parent run {parent_run_id}; browse with `make ui` "
         f"(mlflow ui --backend-store-uri {tracking_uri(params.tracking, repo_root)})"
     )
 

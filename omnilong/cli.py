@@ -19,6 +19,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Corpora: synthesise, add, tok
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+report_app = typer.Typer(no_args_is_help=True, help="Reports that compare evaluations.")
+app.add_typer(report_app, name="report")
 
 err_console = Console(stderr=True)
 
@@ -163,22 +165,97 @@ def train(
 
 @app.command("evaluate")
 def evaluate(
-    model: Annotated[list[str], typer.Option(help="LABEL=DIR of a model to score; repeat for each.")],
-    out: Annotated[Path, typer.Option(help="Directory for heldout.json.")],
+    model: Annotated[list[str], typer.Option(
+        help="A model to score: a directory or models:/NAME@ALIAS, optionally as LABEL=...; repeat for each.")],
+    out: Annotated[Path, typer.Option(help="Directory for the results and plots.")] = Path("runs/eval"),
     params: ParamsOption = Path("params.yaml"),
     name: Annotated[str, typer.Option(help="Name of the MLflow run.")] = "evaluate",
 ) -> None:
-    """Held-out loss and perplexity of each model on every stage, logged to MLflow."""
+    """Held-out loss, text NIAH, V-NIAH and VideoMME of each model, logged to MLflow; gates promotion."""
+    cfg = _load(params)
+    from omnilong.tracking.registry import resolve_model_dir
+    from omnilong.tracking.store import tracking_uri
+
     models: dict[str, Path] = {}
     for item in model:
-        label, sep, directory = item.partition("=")
-        if not sep or not label or not directory:
-            raise _fail(f"--model: expected LABEL=DIR, given {item!r}", 2)
-        models[label] = Path(directory)
-    cfg = _load(params)
+        label, sep, source = item.partition("=") if "=" in item.split(":/")[0] else ("", "", item)
+        if sep and (not label or not source):
+            raise _fail(f"--model: expected DIR, models:/NAME@ALIAS or LABEL=..., given {item!r}", 2)
+        label = label or source.rstrip("/").split("@")[-1].split("/")[-1]
+        if source.startswith("models:/") or "://" in source:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking_uri(cfg.tracking, Path(".")))
+        models[label] = resolve_model_dir(source)
     from omnilong.eval.report import evaluate_and_track
 
     evaluate_and_track(cfg, models, out, run_name=name)
+
+
+@report_app.command("ablation")
+def report_ablation(
+    full: Annotated[Path, typer.Option(help="The full pipeline's evaluation directory.")] = Path("runs/eval-full"),
+    ablation: Annotated[Path, typer.Option(help="The no-stage-2 evaluation directory.")] = Path("runs/eval-no-stage2"),
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/ablation"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """The full recipe's stage-3 model beside the one trained without stage 2 (markdown + plot, MLflow)."""
+    cfg = _load(params)
+    from omnilong.eval.ablation import ablation_report
+
+    try:
+        ablation_report(cfg, full, ablation, out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc), 1) from None
+
+
+@app.command("generate")
+def generate(
+    model: Annotated[str, typer.Option(help="Model directory, or a registry URI such as models:/omnilong-qwen2_5_vl@stage3.")],
+    question: Annotated[str, typer.Option(help="The user's question.")],
+    video: Annotated[Optional[Path], typer.Option(help="A video shown before the question.")] = None,
+    num_frames: Annotated[Optional[int], typer.Option(help="Frames spread uniformly over the video.")] = None,
+    fps: Annotated[Optional[float], typer.Option(help="Frames per second to sample (with --max-frames).")] = None,
+    max_frames: Annotated[Optional[int], typer.Option(help="Cap on the frames --fps samples.")] = None,
+    start: Annotated[Optional[float], typer.Option(help="Start of the video window, seconds.")] = None,
+    end: Annotated[Optional[float], typer.Option(help="End of the video window, seconds.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Answer a question, about a video or not, with a model the pipeline produced.
+
+    Frames are sampled like stage 3 (its `video_frames` unless --num-frames or --fps is given).
+    """
+    cfg = _load(params)
+    from pydantic import ValidationError
+
+    from omnilong.config import FrameSampling
+    from omnilong.data.video_frames import VideoReadError
+    from omnilong.eval.answering import Question, VideoQuery
+    from omnilong.infer.generate import ModelAnswerer
+    from omnilong.tracking.registry import resolve_model_dir
+    from omnilong.tracking.store import tracking_uri
+
+    query = None
+    if video is not None:
+        try:
+            sampling = (FrameSampling(num_frames=num_frames, fps=fps, max_frames=max_frames)
+                        if num_frames or fps else cfg.stages.stage3.video_frames)
+        except ValidationError as exc:
+            raise _fail(f"--num-frames/--fps/--max-frames: {exc.errors()[0]['msg']}", 2) from None
+        query = VideoQuery(video, sampling, start, end)
+    if model.startswith("models:/") or "://" in model:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(cfg.tracking, Path(".")))
+    try:
+        import torch
+
+        answerer = ModelAnswerer(resolve_model_dir(model), cfg.model.video,
+                                 device="cuda" if torch.cuda.is_available() else "cpu")
+        typer.echo(answerer.answer(Question([{"role": "user", "content": question}], query, max_new_tokens)))
+    except (FileNotFoundError, VideoReadError, ValueError) as exc:
+        raise _fail(str(exc), 1) from None
 
 
 def main() -> None:

@@ -97,6 +97,32 @@ def test_step_metrics_are_logged_and_stage1_learns(tiny_pipeline, mlflow_client)
             assert sum(values[-3:]) / 3 < sum(values[:3]) / 3
 
 
+def test_every_model_is_evaluated_with_heatmaps_and_stage3_is_gated(tiny_pipeline, mlflow_client):
+    from PIL import Image
+
+    metrics = json.loads((tiny_pipeline / "runs/eval-full/metrics.json").read_text())
+    assert set(metrics) == {"base", *STAGES}
+    for label, scores in metrics.items():
+        for name in ("niah.accuracy", "vniah.teacher_forced", "vniah.generation",
+                     "videomme.without_subtitles.overall.official.accuracy",
+                     "videomme.with_subtitles.overall.strict.accuracy"):
+            assert 0.0 <= scores[name] <= 1.0, (label, name)
+        for plot in ("niah/niah.png", "vniah/vniah_teacher_forced.png", "videomme/videomme_accuracy_by_duration.png"):
+            with Image.open(tiny_pipeline / "runs/eval-full" / label / plot) as image:
+                assert image.format == "PNG" and min(image.size) > 100
+    promotion = json.loads((tiny_pipeline / "runs/eval-full/promotion.json").read_text())
+    assert promotion["model"] == f"omnilong-{FAMILY}" and promotion["promoted"]  # the first stage 3: no champion yet
+    champion = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "champion")
+    assert str(champion.version) == promotion["version"]
+    assert str(mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "stage3").version) == promotion["version"]
+    [evaluation] = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name("omnilong").experiment_id], "attributes.run_name = 'evaluate'")
+    assert evaluation.data.tags["omnilong.promoted"] == "true"
+    assert f"stage3.{promotion['metric']}" in evaluation.data.metrics
+    artifacts = {item.path for item in mlflow_client.list_artifacts(evaluation.info.run_id, "stage3/niah")}
+    assert "stage3/niah/niah.png" in artifacts
+
+
 def test_ablation_skips_stage2_and_keeps_its_own_name(tiny_ablation, mlflow_client):
     ablation = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}-no-stage2", "stage3")
     assert ablation.tags["omnilong.lineage"] == "base>stage1>stage3"
@@ -106,6 +132,15 @@ def test_ablation_skips_stage2_and_keeps_its_own_name(tiny_ablation, mlflow_clie
     # stage 1 is shared: the ablation reused the version the full pipeline registered.
     assert len(mlflow_client.search_model_versions(f"name='omnilong-{FAMILY}'")) == 3
     assert stage1["version"] == mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "stage1").version
+
+
+def test_ablation_report_sets_both_recipes_side_by_side(tiny_ablation):
+    table = (tiny_ablation / "runs/ablation/ablation.md").read_text()
+    assert "full recipe (stages 1, 2, 3)" in table and "without stage 2 (stages 1, 3)" in table
+    assert (tiny_ablation / "runs/ablation/ablation.png").read_bytes().startswith(b"\x89PNG")
+    scores = json.loads((tiny_ablation / "runs/ablation/ablation.json").read_text())
+    assert scores["full recipe (stages 1, 2, 3)"]["niah.accuracy"] == json.loads(
+        (tiny_ablation / "runs/eval-full/metrics.json").read_text())["stage3"]["niah.accuracy"]
 
 
 def test_dvc_is_clean_and_a_second_repro_does_nothing(tiny_ablation):
@@ -182,3 +217,13 @@ def test_deployment_with_overrides_runs_on_a_prefect_server(tiny_ablation, mlflo
     # The experiment's stage 3 trained 2 steps and registered under the main name.
     version = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "stage3")
     assert len(mlflow_client.get_metric_history(version.run_id, "train/loss")) == 2
+
+    # Its evaluation gated the new stage 3 against the champion under the same settings.
+    from omnilong.tracking.promotion import gate_tag
+
+    before = json.loads((tiny_ablation / "runs/eval-full/promotion.json").read_text())
+    tag = gate_tag(before["metric"], before["settings_digest"])
+    old = mlflow_client.get_model_version(f"omnilong-{FAMILY}", before["version"])
+    new_score, old_score = float(version.tags[tag]), float(old.tags[tag])
+    champion = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "champion")
+    assert str(champion.version) == (str(version.version) if new_score >= old_score else before["version"])

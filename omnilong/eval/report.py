@@ -1,4 +1,10 @@
-"""Score models, write the metrics file DVC tracks, and log the same numbers to MLflow."""
+"""Score models, write the metrics files DVC tracks, log the same to MLflow, and gate promotion.
+
+Every model given (the base model, each stage's) gets the held-out loss and the evaluation
+suite (text NIAH, V-NIAH, VideoMME) with the same settings. The gate's candidate (stage 3 by
+default) becomes its registered model's `champion` only if it scores no worse
+(omnilong/tracking/promotion.py).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,90 @@ from pathlib import Path
 from omnilong import atomic
 from omnilong.config import Params
 from omnilong.eval.heldout import evaluate_models
+from omnilong.eval.suite import evaluate_model, evaluation_settings, settings_digest
+from omnilong.tracking.registry import REGISTRATION_FILE
 from omnilong.tracking.runs import create_run
+
+HEADLINE_METRICS = ("niah.accuracy", "vniah.teacher_forced", "vniah.generation",
+                    "videomme.without_subtitles.overall.official.accuracy",
+                    "videomme.with_subtitles.overall.official.accuracy")
 
 
 def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *, run_name: str) -> dict:
     from mlflow import MlflowClient
 
-    results = evaluate_models(params, models)
-    atomic.write_text(out_dir / "heldout.json", json.dumps(results, indent=1, sort_keys=True) + "\n")
-    run_id = create_run(params, run_name, {"omnilong.evaluation": "heldout"})
+    heldout = evaluate_models(params, models)
+    atomic.write_text(out_dir / "heldout.json", json.dumps(heldout, indent=1, sort_keys=True) + "\n")
+    suite = {label: evaluate_model(params, directory, out_dir / label) for label, directory in models.items()}
+    atomic.write_text(out_dir / "metrics.json", json.dumps(suite, indent=1, sort_keys=True) + "\n")
+    save_comparison(suite, out_dir / "comparison.png", f"{run_name}: base model and each stage")
+
+    settings = evaluation_settings(params)
+    run_id = create_run(params, run_name, {"omnilong.evaluation": "heldout+niah+vniah+videomme",
+                                           "omnilong.eval.settings_digest": settings_digest(settings)})
     client = MlflowClient()
-    for label, stages in results.items():
+    client.log_dict(run_id, settings, "evaluation_settings.json")
+    for label, stages in heldout.items():
         client.log_param(run_id, f"model.{label}", str(models[label]))
         for stage, metrics in stages.items():
             client.log_metric(run_id, f"heldout.{label}.{stage}.loss", metrics["loss"])
             client.log_metric(run_id, f"heldout.{label}.{stage}.perplexity", metrics["perplexity"])
-    client.log_artifact(run_id, str(out_dir / "heldout.json"))
+    for label, metrics in suite.items():
+        for name, value in metrics.items():
+            client.log_metric(run_id, f"{label}.{name}", value)
+        client.log_artifacts(run_id, str(out_dir / label), artifact_path=label)
+    for name in ("heldout.json", "metrics.json", "comparison.png"):
+        client.log_artifact(run_id, str(out_dir / name))
+
+    gate = params.eval.gate
+    registration = models[gate.candidate].parent / REGISTRATION_FILE if gate.candidate in models else None
+    if registration is not None and registration.is_file():
+        decision = _gate(params, json.loads(registration.read_text()), suite[gate.candidate], settings)
+        atomic.write_text(out_dir / "promotion.json", json.dumps(decision, indent=1) + "\n")
+        client.log_artifact(run_id, str(out_dir / "promotion.json"))
+        client.set_tag(run_id, "omnilong.promoted", str(decision["promoted"]).lower())
+        verdict = "is the new champion" if decision["promoted"] else "stays behind the champion"
+        print(f"promotion: {decision['model']} version {decision['version']} {verdict} "
+              f"({gate.metric} {decision['score']:.4f}, champion's {decision['champion_score']})")
     client.set_terminated(run_id)
-    width = max(len(label) for label in results)
-    for label, stages in results.items():
+    _print_summary(heldout, suite)
+    return {"heldout": heldout, "suite": suite}
+
+
+def _gate(params: Params, registration: dict, metrics: dict[str, float], settings: dict) -> dict:
+    from omnilong.tracking.promotion import promote_if_not_worse
+
+    metric = params.eval.gate.metric
+    if metric not in metrics:
+        raise ValueError(f"eval.gate.metric: expected one of the evaluation's metrics ({', '.join(sorted(metrics))}), "
+                         f"given {metric!r}")
+
+    def score_champion(model_dir: Path) -> float:
+        return evaluate_model(params, model_dir, Path(model_dir).parent / "champion-rescored")[metric]
+
+    return promote_if_not_worse(registration["name"], str(registration["version"]), metrics[metric], metric=metric,
+                                digest=settings_digest(settings), score_model=score_champion)
+
+
+def save_comparison(suite: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    """Grouped bars of the headline metrics, one bar per model."""
+    from omnilong.eval.plots import save_grouped_bars
+
+    metrics = [name for name in HEADLINE_METRICS if all(name in scores for scores in suite.values())]
+    save_grouped_bars({label: [scores[name] for name in metrics] for label, scores in suite.items()},
+                      [metric_label(name) for name in metrics], title, path)
+
+
+def metric_label(name: str) -> str:
+    """A headline metric's name as a short two-line plot label."""
+    return name.replace(".overall.official.accuracy", "").replace("_", " ").replace(".", "\n", 1)
+
+
+def _print_summary(heldout: dict, suite: dict) -> None:
+    width = max(len(label) for label in heldout)
+    for label, stages in heldout.items():
         cells = "  ".join(f"{stage} {m['loss']:.3f} (ppl {m['perplexity']:.1f})" for stage, m in stages.items())
         print(f"held-out loss  {label:<{width}}  {cells}")
-    return results
+    for label, metrics in suite.items():
+        cells = "  ".join(f"{name} {metrics[name]:.3f}" for name in HEADLINE_METRICS if name in metrics)
+        print(f"evaluation     {label:<{width}}  {cells}")
