@@ -258,6 +258,29 @@ def generate(
         raise _fail(str(exc), 1) from None
 
 
+@report_app.command("videomme")
+def report_videomme(
+    out: Annotated[Path, typer.Option(help="Directory for videomme.json, videomme.md and the plot.")],
+    without_subtitles: Annotated[Optional[Path], typer.Option(help="Results file of the setting without subtitles.")] = None,
+    with_subtitles: Annotated[Optional[Path], typer.Option(help="Results file of the setting with subtitles.")] = None,
+) -> None:
+    """Score existing VideoMME results files (a `response` per question), no model needed."""
+    files = {setting: path for setting, path in (("without_subtitles", without_subtitles),
+                                                 ("with_subtitles", with_subtitles)) if path is not None}
+    if not files:
+        raise _fail("expected --without-subtitles FILE and/or --with-subtitles FILE", 2)
+    from omnilong.eval.videomme_data import VideommeDataError
+    from omnilong.eval.videomme_report import markdown_table, write_videomme_report
+    from omnilong.eval.videomme_score import score_results_files
+
+    try:
+        scores = score_results_files(files)
+    except (FileNotFoundError, VideommeDataError, ValueError) as exc:
+        raise _fail(str(exc), 1) from None
+    write_videomme_report(scores, out)
+    typer.echo(markdown_table(scores))
+
+
 def main() -> None:
     try:
         app()

@@ -366,3 +366,28 @@ def test_fixture_is_deterministic(fixture_json: Path, tmp_path: Path):
     assert len([p for p in written if p.suffix == ".mp4"]) == len([p for p in written if p.suffix == ".srt"]) == 6
     for relative in written:
         assert (fixture_json.parent / relative).read_bytes() == (again.parent / relative).read_bytes(), relative
+
+
+def test_cli_scores_results_files_and_names_a_bad_one(tmp_path: Path):
+    import subprocess
+    import sys
+
+    fixture = write_videomme_fixture(tmp_path / "fixture")
+    videos = json.loads(fixture.read_text())
+    for video in videos:
+        for question in video["questions"]:
+            question["response"] = f"The best answer is {question['answer']}."
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(videos))
+    cli = [sys.executable, "-c", "from omnilong.cli import main; main()", "report", "videomme"]
+    run = subprocess.run([*cli, "--with-subtitles", str(results), "--out", str(tmp_path / "report")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    scores = json.loads((tmp_path / "report/videomme.json").read_text())
+    assert scores["settings"]["with_subtitles"]["overall"]["official"]["accuracy"] == 1.0
+    assert "| overall |" in run.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{\"video_id\": \"001\"}]")
+    run = subprocess.run([*cli, "--without-subtitles", str(bad), "--out", str(tmp_path / "bad")], capture_output=True,
+                         text=True)
+    assert run.returncode == 1 and str(bad) in run.stderr
