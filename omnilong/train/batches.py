@@ -80,14 +80,14 @@ def clip_span(clip: VideoClip, family: Family, model_config, video_params: Video
 
 
 def load_video_pieces(
-    clips: list[VideoClip], split: FrameSplit, family: Family, model_config, video_params: VideoTokenParams
+    clips: list[VideoClip], spans: list[VideoSpan], split: FrameSplit, family: Family, model_config,
+    video_params: VideoTokenParams,
 ) -> list[dict[str, torch.Tensor]]:
     """Decode and preprocess only the frames of the units in `split`, resized batch by batch as
     they are decoded (so at most one decode batch of full-size frames is in memory)."""
     pieces = []
     for video, first, end in split.unit_ranges:
-        clip = clips[video]
-        frames_per_unit = clip_span(clip, family, model_config, video_params).frames_per_unit
+        clip, frames_per_unit = clips[video], spans[video].frames_per_unit
         indices = clip.frame_indices[first * frames_per_unit : end * frames_per_unit]
         size = frame_size(family, model_config, video_params, clip.height, clip.width)
         frames = read_frames(clip.path, indices, size=size)
@@ -110,7 +110,7 @@ def collate(
         position_ids=position_ids.long(),
         doc_lens=[[int(n) for n in row["doc_lens"]] for row in rows],
         videos=spans,
-        video_pieces=load_video_pieces(clips, split, family, model_config, video_params) if clips else [],
+        video_pieces=load_video_pieces(clips, spans, split, family, model_config, video_params) if clips else [],
         tokens_per_rank=split.tokens_per_rank if clips else [],
         video_token_id=video_token_id(family, model_config) if clips else None,
     )

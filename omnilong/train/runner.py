@@ -30,7 +30,7 @@ from omnilong.train.batches import IGNORE_INDEX, MicroBatch, StepBatches
 from omnilong.train.deepspeed_config import deepspeed_config, resolve_precision
 from omnilong.train.schedule import lr_factor
 from omnilong.train.step_log import StepLogger
-from omnilong.train.training_module import TrainingModule, model_inputs, video_shard
+from omnilong.train.training_module import TrainingModule, language_model_positions, model_inputs, video_shard
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def prepare_for_zero3(module: TrainingModule) -> None:
 
     from omnilong.loss.head import ChunkedLMHeadLoss
 
-    model = module.model.get_base_model() if hasattr(module.model, "get_base_model") else module.model
+    model = module.base_model
     if module.family == "llava_onevision":
         # The video merge reads LLaVA-OneVision's `image_newline` outside the forward of the
         # module that owns it: ZeRO-3 must gather it for this module's forward instead.
@@ -149,8 +149,8 @@ class StepInputs:
 
 def step_inputs(batch: MicroBatch, family, device: torch.device, sp: SequenceParallel | None) -> StepInputs:
     # Positions and shifted labels are those of the full rows: computed before any sharding.
-    kwargs = model_inputs(batch, family)
     if sp is None:
+        kwargs = model_inputs(batch, family)
         attention: contextlib.AbstractContextManager = contextlib.nullcontext()
     else:
         from omnilong.parallel.attention import sharding_scheme
@@ -159,13 +159,16 @@ def step_inputs(batch: MicroBatch, family, device: torch.device, sp: SequencePar
         from omnilong.parallel.zigzag import SequenceLayout
 
         layout = SequenceLayout(batch.input_ids.shape[1], sp.size, sharding_scheme(sp.backend, batch.doc_lens))
-        shard = shard_sample(kwargs["input_ids"], kwargs["labels"], kwargs["position_ids"], batch.doc_lens, layout, sp.rank)
+        positions = language_model_positions(family, batch.position_ids, batch.doc_lens)
+        shard = shard_sample(batch.input_ids, batch.labels, positions, batch.doc_lens, layout, sp.rank)
         kwargs = {"input_ids": shard.inputs, "labels": shard.labels, "position_ids": shard.position_ids}
         if batch.videos:
             # The loader decoded only this rank's share of the frames (StepBatches).
             kwargs["video"] = video_shard(batch, layout, sp.rank, sp.group)
         attention = ring_attention_context(shard.documents, sp.group, sp.backend)
     return StepInputs({key: value.to(device) for key, value in kwargs.items()}, attention)
+
+
 def loader_workers(num_workers: int) -> dict:
     """DataLoader settings: videos decode in `num_workers` processes, at most two steps ahead
     (bounded memory); 0 decodes in the training process."""

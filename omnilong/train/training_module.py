@@ -71,6 +71,11 @@ class TrainingModule(nn.Module):
         self.video = video
         self.loss_head = ChunkedLMHeadLoss(model.lm_head, loss)
 
+    @property
+    def base_model(self) -> nn.Module:
+        """The family's model: under LoRA, the one PEFT wraps."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, L_local]
@@ -79,8 +84,7 @@ class TrainingModule(nn.Module):
         video: VideoShard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (loss summed over this rank's valid tokens, their count)."""
-        # The decoder without the LM head; under LoRA, that of the model PEFT wraps.
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model = self.base_model
         # Videos are encoded here, not by the model's forward, so a sequence-parallel group can
         # share the frames (omnilong/parallel/vision.py); the decoder gets merged embeddings.
         inputs = {"input_ids": input_ids} if video is None else {"inputs_embeds": video.embed(model, self.family, self.video, input_ids)}
