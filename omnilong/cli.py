@@ -174,7 +174,6 @@ def evaluate(
     """Held-out loss, text NIAH, V-NIAH and VideoMME of each model, logged to MLflow; gates promotion."""
     cfg = _load(params)
     from omnilong.tracking.registry import resolve_model_dir
-    from omnilong.tracking.store import tracking_uri
 
     models: dict[str, Path] = {}
     for item in model:
@@ -182,11 +181,7 @@ def evaluate(
         if sep and (not label or not source):
             raise _fail(f"--model: expected DIR, models:/NAME@ALIAS or LABEL=..., given {item!r}", 2)
         label = label or source.rstrip("/").split("@")[-1].split("/")[-1]
-        if source.startswith("models:/") or "://" in source:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking_uri(cfg.tracking, Path(".")))
-        models[label] = resolve_model_dir(source)
+        models[label] = resolve_model_dir(source, cfg.tracking)
     from omnilong.eval.report import evaluate_and_track
 
     evaluate_and_track(cfg, models, out, run_name=name)
@@ -234,7 +229,6 @@ def generate(
     from omnilong.eval.answering import Question, VideoQuery
     from omnilong.infer.generate import ModelAnswerer
     from omnilong.tracking.registry import resolve_model_dir
-    from omnilong.tracking.store import tracking_uri
 
     query = None
     if video is not None:
@@ -244,15 +238,8 @@ def generate(
         except ValidationError as exc:
             raise _fail(f"--num-frames/--fps/--max-frames: {exc.errors()[0]['msg']}", 2) from None
         query = VideoQuery(video, sampling, start, end)
-    if model.startswith("models:/") or "://" in model:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri(cfg.tracking, Path(".")))
     try:
-        import torch
-
-        answerer = ModelAnswerer(resolve_model_dir(model), cfg.model.video,
-                                 device="cuda" if torch.cuda.is_available() else "cpu")
+        answerer = ModelAnswerer(resolve_model_dir(model, cfg.tracking), cfg.model.video)
         typer.echo(answerer.answer(Question([{"role": "user", "content": question}], query, max_new_tokens)))
     except (FileNotFoundError, VideoReadError, ValueError) as exc:
         raise _fail(str(exc), 1) from None

@@ -11,8 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from omnilong import atomic
 from omnilong.config import Params, corpus_path
 
@@ -49,7 +47,7 @@ def evaluate_model(params: Params, model_dir: Path, out_dir: Path, root: Path = 
     from omnilong.eval.vniah import run_vniah
     from omnilong.infer.generate import ModelAnswerer
 
-    answerer = ModelAnswerer(model_dir, params.model.video, device="cuda" if torch.cuda.is_available() else "cpu")
+    answerer = ModelAnswerer(model_dir, params.model.video)
     niah = run_niah(answerer, answerer.tokenizer, niah_haystack_text(params, root), params.eval.niah, out_dir / "niah")
     vniah = run_vniah(answerer, vniah_haystack(params, root), params.eval.vniah, out_dir / "vniah")
     videomme = evaluate_videomme(answerer, params.eval.videomme, out_dir / "videomme")

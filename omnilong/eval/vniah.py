@@ -30,8 +30,15 @@ from omnilong.data.video_frames import read_frames, sample_frames, video_info
 from omnilong.eval.vniah_needles import PROBLEMS, NeedleProblem, render_needle
 from omnilong.infer.generate import ModelAnswerer
 from omnilong.models.positions import position_ids_for_document
-from omnilong.models.video_encoders import encode_units, trailing_embedding
-from omnilong.models.video_inputs import VideoSpan, frame_size, preprocess_video, seconds_per_grid, video_span
+from omnilong.models.video_encoders import encode_units
+from omnilong.models.video_inputs import (
+    VideoSpan,
+    frame_size,
+    preprocess_video,
+    seconds_per_grid,
+    video_grid_thw,
+    video_span,
+)
 from omnilong.parallel.vision import merge_video_embeddings, video_sources
 from omnilong.train.batches import video_token_id
 
@@ -74,10 +81,15 @@ class HaystackCache:
                 f"eval.vniah.frame_counts: expected multiples of {span.frames_per_unit} for {a.family} "
                 f"(whole temporal patches, so the needle does not share one with haystack frames), given {num_frames}"
             )
-        frames = read_frames(path, sample.indices, size=size)
-        inputs = preprocess_video(a.family, frames, a.model.config, a.video, fps=sample.sampled_fps)
-        units = encode_units(a.model, a.family, a.video, [{k: v.to(a.device) for k, v in inputs.items()}])
+        units = _encode_frames(a, read_frames(path, sample.indices, size=size), sample.sampled_fps)
         return Haystack(span, units.view(span.num_units, span.tokens_per_unit, -1), size, sample.sampled_fps)
+
+
+def _encode_frames(answerer: ModelAnswerer, frames: np.ndarray, fps: float) -> torch.Tensor:
+    """[tokens, hidden]: the units' embeddings of uint8 frames [T, H, W, 3] (no trailing token)."""
+    a = answerer
+    inputs = preprocess_video(a.family, frames, a.model.config, a.video, fps=fps)
+    return encode_units(a.model, a.family, a.video, [{k: v.to(a.device) for k, v in inputs.items()}])
 
 
 @torch.no_grad()
@@ -85,9 +97,7 @@ def needle_units(answerer: ModelAnswerer, problem: NeedleProblem, haystack: Hays
     """[1, tokens_per_unit, hidden]: the needle image filling one unit at the haystack's frame size."""
     image = render_needle(problem, *haystack.frame_size)
     frames = np.repeat(image[None], haystack.span.frames_per_unit, axis=0)
-    a = answerer
-    inputs = preprocess_video(a.family, frames, a.model.config, a.video, fps=haystack.sampled_fps)
-    return encode_units(a.model, a.family, a.video, [{k: v.to(a.device) for k, v in inputs.items()}])[None]
+    return _encode_frames(answerer, frames, haystack.sampled_fps)[None]
 
 
 def insertion_unit(depth: float, num_units: int) -> int:
@@ -111,21 +121,17 @@ def cell_prompt(answerer: ModelAnswerer, problem: NeedleProblem, haystack: Hayst
     at = insertion_unit(depth, span.num_units)
     units = torch.cat([haystack.units[:at], needle, haystack.units[at:]])
     spliced = VideoSpan(span.num_units + 1, span.frames_per_unit, span.tokens_per_unit, span.trailing_tokens)
-    videos = units.flatten(0, 1)
-    trailing = trailing_embedding(a.model, a.family)
-    if trailing is not None:
-        videos = torch.cat([videos, trailing.to(videos.dtype)])
     input_ids = a.expand_video(a.chat_ids([{"role": "user", "content": problem.question}], with_video=True),
                                spliced.num_tokens)
     grid = seconds = None
     if a.family == "qwen2_5_vl":
-        vision = a.model.config.vision_config
-        height, width = haystack.frame_size
-        grid = torch.tensor([[spliced.num_units, height // vision.patch_size, width // vision.patch_size]])
+        grid = torch.tensor([video_grid_thw(a.model.config, a.video, spliced.num_units * span.frames_per_unit,
+                                            *haystack.frame_size)])
         seconds = torch.tensor([seconds_per_grid(a.model.config, haystack.sampled_fps)])
     positions = position_ids_for_document(a.model.config, input_ids, grid, seconds)
     source = video_sources(input_ids[None], video_token_id(a.family, a.model.config), [spliced])
-    embeds = merge_video_embeddings(a.model.get_input_embeddings()(input_ids[None].to(a.device)), source.to(a.device), videos)
+    token_embeds = a.model.get_input_embeddings()(input_ids[None].to(a.device))
+    embeds = merge_video_embeddings(a.model, a.family, token_embeds, source.to(a.device), units.flatten(0, 1))
     first_video = int((source[0] >= 0).nonzero()[0])
     start = first_video + at * span.tokens_per_unit
     return CellPrompt(input_ids, embeds, positions, (start, start + span.tokens_per_unit))

@@ -24,7 +24,7 @@ from omnilong.models.families import family_for_config, get_family
 from omnilong.models.loading import load_model, load_tokenizer
 from omnilong.models.positions import position_ids_for_document
 from omnilong.models.video_inputs import VideoSpan, frame_size, preprocess_video, video_span
-from omnilong.parallel.vision import VideoShard, video_sources
+from omnilong.parallel.vision import VideoShard, split_frames, video_sources
 from omnilong.train.batches import video_token_id
 from omnilong.train.training_module import language_model_positions
 
@@ -41,9 +41,10 @@ class Prompt:
 class ModelAnswerer:
     """An `Answerer` backed by a model directory (HF format, as every stage exports)."""
 
-    def __init__(self, model_dir: str | Path, video: VideoTokenParams, device: torch.device | str = "cpu",
+    def __init__(self, model_dir: str | Path, video: VideoTokenParams, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
-        self.device = torch.device(device)
+        """`device` None: the first GPU when there is one, else the CPU."""
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(model_dir, dtype=dtype).to(self.device).eval()
         self.tokenizer = load_tokenizer(model_dir)
         self.family: Family = family_for_config(self.model.config).name
@@ -87,7 +88,7 @@ class ModelAnswerer:
         input_ids = self.expand_video(ids, span.num_tokens)
         positions = position_ids_for_document(config, input_ids, inputs.get("video_grid_thw"),
                                               inputs.get("second_per_grid_ts"))
-        shard = VideoShard([inputs], [span.num_units * span.tokens_per_unit],
+        shard = VideoShard([inputs], split_frames([span]).tokens_per_rank,
                            video_sources(input_ids[None], video_token_id(self.family, config), [span]))
         return Prompt(input_ids, positions, shard)
 

@@ -170,14 +170,15 @@ class VideoShard:
                 f"planned {self.tokens_per_rank}"
             )
         videos = gather_video_tokens(local, self.tokens_per_rank, self.group)
-        trailing = trailing_embedding(model, family)
-        if trailing is not None:
-            videos = torch.cat([videos, trailing.to(videos.dtype)])
-        return merge_video_embeddings(token_embeds, self.source, videos)
+        return merge_video_embeddings(model, family, token_embeds, self.source, videos)
 
 
-def merge_video_embeddings(token_embeds: torch.Tensor, source: torch.Tensor, videos: torch.Tensor) -> torch.Tensor:
-    """`token_embeds` [B, L, hidden] with each video placeholder replaced by its row of `videos`
-    (the units' embeddings, then the trailing one), as `source` [B, L] (`video_sources`) maps them."""
+def merge_video_embeddings(model: nn.Module, family: Family, token_embeds: torch.Tensor, source: torch.Tensor,
+                           unit_embeds: torch.Tensor) -> torch.Tensor:
+    """`token_embeds` [B, L, hidden] with each video placeholder replaced by its row of the units'
+    embeddings `unit_embeds` followed by the family's trailing embedding, as `source` [B, L]
+    (`video_sources`) maps them."""
+    trailing = trailing_embedding(model, family)
+    videos = unit_embeds if trailing is None else torch.cat([unit_embeds, trailing.to(unit_embeds.dtype)])
     is_video = source != NOT_VIDEO
     return token_embeds.masked_scatter(is_video[..., None], videos[source[is_video]].to(token_embeds.dtype))

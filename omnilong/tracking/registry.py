@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from omnilong.config import TrackingParams
+from omnilong.tracking.store import tracking_uri
+
 MODEL_ARTIFACT = "model"
 
 
@@ -39,12 +42,14 @@ def register_stage_model(
     return version.version
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local directory, or a `models:/name@alias` / `runs:/...` URI downloaded to one."""
+def resolve_model_dir(model: str, tracking: TrackingParams) -> Path:
+    """A local directory, or a `models:/name@alias` / `runs:/...` URI downloaded from the store
+    `tracking` names (the project's by default) to one."""
     if "://" not in model and not model.startswith("models:/"):
         return Path(model)
     import mlflow
 
+    mlflow.set_tracking_uri(tracking_uri(tracking, Path(".")))
     return Path(mlflow.artifacts.download_artifacts(model))
 
 
