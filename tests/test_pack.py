@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from omnilong.config import Params, StageName, parse_params
 from omnilong.data import pack
-from omnilong.data.pack import IGNORE_INDEX, PackError, Piece, pack_stage, plan_rows
+from omnilong.data.pack import IGNORE_INDEX, PackError, Piece, pack_stage, plan_rows, scheduled_dir
 from omnilong.data.prepare import (
     DocumentEntry,
     SkippedDocument,
@@ -175,6 +175,39 @@ def test_long_text_documents_are_cut_into_seq_len_pieces(tmp_path):
     np.testing.assert_array_equal(np.concatenate([ids for _, ids, _ in pieces]), documents[0].token_ids)
     # Each piece is a document of its own: no target for its first token.
     assert all(labels[0] == IGNORE_INDEX for _, _, labels in pieces)
+
+
+def test_instruct_chats_wait_for_a_scheduled_length_they_fit(tmp_path):
+    raw = hand_params(tmp_path, seq_len=64).model_dump(mode="json")
+    raw["stages"]["stage2"]["context_schedule"] = [{"from_step": 0, "seq_len": 32}, {"from_step": 4, "seq_len": 64}]
+    params = parse_params(raw)
+    documents = hand_documents([20, 40, 64, 100])
+    write_hand_stage(params, "stage2", documents)
+    pack_stage(params, "stage2")
+
+    short = PackedShards(scheduled_dir(Path(params.data.packed_dir) / "stage2", 32))
+    assert short.index.stats.documents == 1 and short.index.stats.deferred_documents == 3
+    assert short.index.stats.split_documents == 0
+    assert sorted(recovered_documents(short.stage_dir)) == [0]
+    np.testing.assert_array_equal(recovered_documents(short.stage_dir)[0][0][1], documents[0].token_ids)
+
+    # At the stage's own seq_len nothing waits: a chat longer than it is cut, as before.
+    full = PackedShards(Path(params.data.packed_dir) / "stage2")
+    assert full.index.stats.deferred_documents == 0 and full.index.stats.split_documents == 1
+    assert sorted(recovered_documents(full.stage_dir)) == [0, 1, 2, 3]
+
+
+def test_a_scheduled_length_no_chat_fits_is_refused(tmp_path):
+    params = hand_params(tmp_path, seq_len=64)
+    raw = params.model_dump(mode="json")
+    raw["stages"]["stage2"]["context_schedule"] = [{"from_step": 0, "seq_len": 16}, {"from_step": 4, "seq_len": 64}]
+    params = parse_params(raw)
+    write_hand_stage(params, "stage2", hand_documents([20, 40]))
+    with pytest.raises(PackError) as error:
+        pack_stage(params, "stage2")
+    for expected in ("stages.stage2.context_schedule", "seq_len = 16", "shortest has 20 tokens"):
+        assert expected in str(error.value)
+    assert not (Path(params.data.packed_dir) / "stage2").exists()
 
 
 def test_video_document_longer_than_seq_len_is_refused(tmp_path):

@@ -60,24 +60,35 @@ class Piece(NamedTuple):
     length: int
 
 
-def cut_documents(tokenized: TokenizedStage, seq_len: int, stage: StageName) -> list[Piece]:
+def cut_documents(tokenized: TokenizedStage, seq_len: int, stage: StageName, final_length: bool = True) -> list[Piece]:
     """One piece per document; a text document longer than seq_len is cut into seq_len pieces.
 
     Each piece becomes a document of its own, positions restarting at 0: attention cannot reach
     the previous piece (it sits in another row), and restarting keeps every position below
     seq_len, the context this stage trains, instead of reaching ranges the model never attends
-    over. A video document cannot be cut: its visual tokens belong together.
+    over. A video document cannot be cut: its visual tokens belong together. At a shorter length
+    of a context schedule (`final_length` False), an instruction chat longer than seq_len is
+    left out rather than cut, which would part its answer from the context it is asked about:
+    it is trained once the schedule reaches a length it fits.
     """
+    kind = tokenized.index.kind
     pieces = []
     for doc, length in enumerate(tokenized.doc_lengths.tolist()):
-        if length > seq_len and tokenized.index.kind == "video":
+        if length > seq_len and kind == "video":
             entry = tokenized.index.documents[doc]
             raise PackError(
                 f"video document {entry.id!r} (corpus {entry.corpus!r}) has {length} tokens, more than "
                 f"stages.{stage}.seq_len = {seq_len}, and a video cannot be split; raise "
                 f"stages.{stage}.seq_len or sample fewer frames (stages.{stage}.video_frames)"
             )
+        if length > seq_len and kind == "instruct" and not final_length:
+            continue
         pieces += [Piece(doc, start, min(seq_len, length - start)) for start in range(0, length, seq_len)]
+    if not pieces and not final_length:
+        raise PackError(
+            f"stages.{stage}.context_schedule: no {kind} document of stage {stage} fits in seq_len = {seq_len} "
+            f"(the shortest has {int(tokenized.doc_lengths.min())} tokens); start the schedule at a longer length"
+        )
     return pieces
 
 
@@ -205,15 +216,15 @@ def pack_stage(
     with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
         for seq_len in stage_params.packed_lengths:
             target = staging if seq_len == stage_params.seq_len else scheduled_dir(staging, seq_len)
-            _pack_rows(target, tokenized, stage, seq_len, params.seed, mrope_config,
-                       rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len))
+            _pack_rows(target, tokenized, stage, seq_len, seq_len == stage_params.seq_len, params.seed,
+                       mrope_config, rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len))
 
 
 def _pack_rows(
-    target: Path, tokenized: TokenizedStage, stage: StageName, seq_len: int, seed: int, mrope_config,
-    rows_per_shard: int,
+    target: Path, tokenized: TokenizedStage, stage: StageName, seq_len: int, final_length: bool, seed: int,
+    mrope_config, rows_per_shard: int,
 ) -> None:
-    pieces = cut_documents(tokenized, seq_len, stage)
+    pieces = cut_documents(tokenized, seq_len, stage, final_length)
     planned = plan_rows(pieces, seq_len)
     order = np.random.default_rng(seed).permutation(len(planned))
     rows = [planned[i] for i in order]
@@ -236,8 +247,11 @@ def _pack_rows(
         videos += shard_videos
         trainable_tokens += shard_trainable
     real_tokens = sum(piece.length for piece in pieces)
-    # Zero token loss: every tokenized token lands in exactly one row.
-    assert real_tokens == tokenized.index.num_tokens, (real_tokens, tokenized.index.num_tokens)
+    packed_docs = {piece.doc for piece in pieces}
+    deferred = [doc for doc in range(len(tokenized.doc_lengths)) if doc not in packed_docs]
+    # Zero token loss: every tokenized token lands in exactly one row, or its chat waits for a longer length.
+    deferred_tokens = int(tokenized.doc_lengths[deferred].sum()) if deferred else 0
+    assert real_tokens + deferred_tokens == tokenized.index.num_tokens, (real_tokens, deferred_tokens)
     index = PackedIndex(
         stage=stage,
         kind=tokenized.index.kind,
@@ -255,7 +269,8 @@ def _pack_rows(
             trainable_tokens=trainable_tokens,
             documents=len(pieces),
             source_documents=tokenized.index.num_documents,
-            split_documents=int(np.count_nonzero(tokenized.doc_lengths > seq_len)),
+            split_documents=int(np.count_nonzero(tokenized.doc_lengths > seq_len)) - len(deferred),
+            deferred_documents=len(deferred),
             skipped_documents=len(tokenized.index.skipped),
         ),
         videos=videos if tokenized.index.kind == "video" else None,

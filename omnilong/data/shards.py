@@ -85,6 +85,9 @@ class PackStats(_Frozen):
     source_documents: NonNegativeInt
     split_documents: NonNegativeInt
     """Source documents longer than seq_len, cut into pieces."""
+    deferred_documents: NonNegativeInt = 0
+    """Instruction chats longer than this shorter length of the context schedule, left to the
+    longer lengths rather than cut (see `pack.cut_documents`)."""
     skipped_documents: NonNegativeInt
     """Records left out by prepare because a file they name cannot be read (listed, with the
     reason, under `skipped` in the tokenized stage's index.json)."""
