@@ -17,6 +17,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,6 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # DeepSpeed's ZeRO-3 fetches call the collectives torch 2.13 deprecated (all_gather_into_tensor,
+    # reduce_scatter_tensor) on every step; their warning would bury the step log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     args = parse_args(argv)
     params = load_params(args.params, check_paths=False)
     run = StageRun(args.stage, args.init, args.out, args.checkpoints, args.variant)
