@@ -165,15 +165,20 @@ def train(
 
 @app.command("evaluate")
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[list[str], typer.Option(
         help="A model to score: a directory or models:/NAME@ALIAS, optionally as LABEL=...; repeat for each.")],
     out: Annotated[Path, typer.Option(help="Directory for the results and plots.")] = Path("runs/eval"),
     params: ParamsOption = Path("params.yaml"),
     name: Annotated[str, typer.Option(help="Name of the MLflow run.")] = "evaluate",
 ) -> None:
-    """Held-out loss, text NIAH, V-NIAH and VideoMME of each model, logged to MLflow; gates promotion."""
+    """Held-out loss, text NIAH, V-NIAH and VideoMME of each model, logged to MLflow; gates promotion.
+
+    With `eval.sp_size` > 1 the prompts are prefilled sequence-parallel by that many torchrun ranks.
+    """
     cfg = _load(params)
     from omnilong.tracking.registry import resolve_model_dir
+    from omnilong.train.launch import torchrun, under_torchrun
 
     models: dict[str, Path] = {}
     for item in model:
@@ -182,9 +187,20 @@ def evaluate(
             raise _fail(f"--model: expected DIR, models:/NAME@ALIAS or LABEL=..., given {item!r}", 2)
         label = label or source.rstrip("/").split("@")[-1].split("/")[-1]
         models[label] = resolve_model_dir(source, cfg.tracking)
+    if cfg.eval.sp_size > 1 and not under_torchrun():
+        resolved = [f"{label}={directory}" for label, directory in models.items()]
+        raise typer.Exit(torchrun("omnilong.cli", _command_line(ctx, model=resolved), cfg.eval.sp_size))
     from omnilong.eval.report import evaluate_and_track
 
-    evaluate_and_track(cfg, models, out, run_name=name)
+    if cfg.eval.sp_size == 1:
+        evaluate_and_track(cfg, models, out, run_name=name)
+        return
+    import torch.distributed as dist
+
+    from omnilong.infer.prefill import inference_group
+
+    evaluate_and_track(cfg, models, out, run_name=name, group=inference_group(cfg.eval.sp_size))
+    dist.destroy_process_group()
 
 
 @report_app.command("ablation")
@@ -204,8 +220,19 @@ def report_ablation(
         raise _fail(str(exc), 1) from None
 
 
+def _command_line(ctx: typer.Context, **replaced) -> list[str]:
+    """The command `ctx` runs and its options as a command line, with `replaced` values."""
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        value = replaced.get(param.name, ctx.params[param.name])
+        for item in (value if param.multiple else [value]) if value is not None else []:
+            args += [param.opts[0], str(item)]
+    return args
+
+
 @app.command("generate")
 def generate(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Model directory, or a registry URI such as models:/omnilong-qwen2_5_vl@stage3.")],
     question: Annotated[str, typer.Option(help="The user's question.")],
     video: Annotated[Optional[Path], typer.Option(help="A video shown before the question.")] = None,
@@ -220,8 +247,10 @@ def generate(
     """Answer a question, about a video or not, with a model the pipeline produced.
 
     Frames are sampled like stage 3 (its `video_frames` unless --num-frames or --fps is given).
+    With `eval.sp_size` > 1 the prompt is prefilled sequence-parallel by that many torchrun ranks.
     """
     cfg = _load(params)
+    import torch.distributed as dist
     from pydantic import ValidationError
 
     from omnilong.config import FrameSampling
@@ -229,6 +258,7 @@ def generate(
     from omnilong.eval.answering import Question, VideoQuery
     from omnilong.infer.generate import ModelAnswerer
     from omnilong.tracking.registry import resolve_model_dir
+    from omnilong.train.launch import torchrun, under_torchrun
 
     query = None
     if video is not None:
@@ -238,11 +268,26 @@ def generate(
         except ValidationError as exc:
             raise _fail(f"--num-frames/--fps/--max-frames: {exc.errors()[0]['msg']}", 2) from None
         query = VideoQuery(video, sampling, start, end)
+    sequence_parallel = cfg.eval.sp_size > 1
+    if sequence_parallel and not under_torchrun():
+        # The ranks load the model the registry URI names from one download.
+        model_dir = resolve_model_dir(model, cfg.tracking)
+        raise typer.Exit(torchrun("omnilong.cli", _command_line(ctx, model=model_dir), cfg.eval.sp_size))
+    group = None
+    if sequence_parallel:
+        from omnilong.infer.prefill import inference_group
+
+        group = inference_group(cfg.eval.sp_size)
     try:
-        answerer = ModelAnswerer(resolve_model_dir(model, cfg.tracking), cfg.model.video)
-        typer.echo(answerer.answer(Question([{"role": "user", "content": question}], query, max_new_tokens)))
+        answerer = ModelAnswerer(resolve_model_dir(model, cfg.tracking), cfg.model.video, sp_group=group,
+                                 ring_backend=cfg.parallel.ring_attention)
+        answer = answerer.answer(Question([{"role": "user", "content": question}], query, max_new_tokens))
     except (FileNotFoundError, VideoReadError, ValueError) as exc:
         raise _fail(str(exc), 1) from None
+    if group is None or dist.get_rank(group) == 0:
+        typer.echo(answer)
+    if group is not None:
+        dist.destroy_process_group()
 
 
 @report_app.command("videomme")

@@ -419,6 +419,12 @@ class EvalParams(_Params):
     vniah: VniahParams = VniahParams()
     videomme: VideommeParams = VideommeParams()
     gate: GateParams = GateParams()
+    sp_size: PositiveInt = 1
+    """Ranks that share each prompt's prefill, sequence-parallel as in training (ring attention,
+    each rank encoding its share of the frames); `omnilong generate` and `omnilong evaluate`
+    then run themselves as that many torchrun processes on this node. A divisor of the world
+    size (parallel.nnodes x parallel.nproc_per_node). Scores do not depend on it (up to
+    floating-point rounding), so it is not part of the evaluation settings."""
 
 
 class TrackingParams(_Params):
@@ -460,6 +466,12 @@ class Params(_Params):
                     "unset: this stage trains on text",
                     stage.video_frames.model_dump(exclude_none=True),
                 )
+        if world % self.eval.sp_size:
+            raise _FieldError(
+                "eval.sp_size",
+                f"a divisor of the world size {world} (parallel.nnodes x parallel.nproc_per_node)",
+                self.eval.sp_size,
+            )
         return self
 
 

@@ -43,6 +43,8 @@ def _delete(path: str):
 BAD_FILES = [
     (_set("stages.stage1.seq_len", 1023), "stages.stage1.seq_len", "multiple of 2 x sp_size = 4"),
     (_set("stages.stage2.sp_size", 4), "stages.stage2.sp_size", "divisor of the world size 2"),
+    (_set("eval.sp_size", 4), "eval.sp_size", "divisor of the world size 2"),
+    (_set("eval.sp_size", 0), "eval.sp_size", "greater than 0"),
     (_set("stages.stage1.train.lr", -1e-4), "stages.stage1.train.lr", "greater than 0"),
     (_delete("model.path"), "model.path", "required key is missing"),
     (_set("model.path", ""), "model.path", "at least 1 character"),

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch.distributed as dist
+
 from omnilong import atomic
 from omnilong.config import Params
 from omnilong.eval.heldout import evaluate_models
 from omnilong.eval.suite import evaluate_model, evaluation_settings, settings_digest
+from omnilong.infer.prefill import from_first_rank
 from omnilong.tracking.registry import REGISTRATION_FILE
 from omnilong.tracking.runs import create_run
 
@@ -23,18 +26,34 @@ HEADLINE_METRICS = ("niah.accuracy", "vniah.teacher_forced", "vniah.generation",
                     "videomme.with_subtitles.overall.official.accuracy")
 
 
-def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *, run_name: str) -> dict:
+def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *, run_name: str,
+                       group: dist.ProcessGroup | None = None) -> dict:
+    """Under a sequence-parallel `group` every rank calls this: they run the evaluation suite
+    (and the gate's rescoring of the champion) together; the first rank alone then scores the
+    held-out loss, writes the files and logs to MLflow, and the others return the suite only."""
     from mlflow import MlflowClient
 
+    suite = {label: evaluate_model(params, directory, out_dir / label, group=group)
+             for label, directory in models.items()}
+    if group is not None and dist.get_rank(group) != 0:
+        _follow_champion_scoring(params, group)
+        return {"suite": suite}
+    settings = evaluation_settings(params)
+    # Also points MLflow at the project's store, where the gate finds the registered models.
+    run_id = create_run(params, run_name, {"omnilong.evaluation": "heldout+niah+vniah+videomme",
+                                           "omnilong.eval.settings_digest": settings_digest(settings)})
+    gate = params.eval.gate
+    registration = models[gate.candidate].parent / REGISTRATION_FILE if gate.candidate in models else None
+    decision = None
+    if registration is not None and registration.is_file():
+        decision = _gate(params, json.loads(registration.read_text()), suite[gate.candidate], settings, group)
+    if group is not None:
+        from_first_rank(None, group)  # no more champions to score: the other ranks are done
     heldout = evaluate_models(params, models)
     atomic.write_text(out_dir / "heldout.json", json.dumps(heldout, indent=1, sort_keys=True) + "\n")
-    suite = {label: evaluate_model(params, directory, out_dir / label) for label, directory in models.items()}
     atomic.write_text(out_dir / "metrics.json", json.dumps(suite, indent=1, sort_keys=True) + "\n")
     save_comparison(suite, out_dir / "comparison.png", f"{run_name}: base model and each stage")
 
-    settings = evaluation_settings(params)
-    run_id = create_run(params, run_name, {"omnilong.evaluation": "heldout+niah+vniah+videomme",
-                                           "omnilong.eval.settings_digest": settings_digest(settings)})
     client = MlflowClient()
     client.log_dict(run_id, settings, "evaluation_settings.json")
     for label, stages in heldout.items():
@@ -49,10 +68,7 @@ def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *
     for name in ("heldout.json", "metrics.json", "comparison.png"):
         client.log_artifact(run_id, str(out_dir / name))
 
-    gate = params.eval.gate
-    registration = models[gate.candidate].parent / REGISTRATION_FILE if gate.candidate in models else None
-    if registration is not None and registration.is_file():
-        decision = _gate(params, json.loads(registration.read_text()), suite[gate.candidate], settings)
+    if decision is not None:
         atomic.write_text(out_dir / "promotion.json", json.dumps(decision, indent=1) + "\n")
         client.log_artifact(run_id, str(out_dir / "promotion.json"))
         client.set_tag(run_id, "omnilong.promoted", str(decision["promoted"]).lower())
@@ -64,7 +80,8 @@ def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *
     return {"heldout": heldout, "suite": suite}
 
 
-def _gate(params: Params, registration: dict, metrics: dict[str, float], settings: dict) -> dict:
+def _gate(params: Params, registration: dict, metrics: dict[str, float], settings: dict,
+          group: dist.ProcessGroup | None) -> dict:
     from omnilong.tracking.promotion import promote_if_not_worse
 
     metric = params.eval.gate.metric
@@ -73,10 +90,22 @@ def _gate(params: Params, registration: dict, metrics: dict[str, float], setting
                          f"given {metric!r}")
 
     def score_champion(model_dir: Path) -> float:
-        return evaluate_model(params, model_dir, Path(model_dir).parent / "champion-rescored")[metric]
+        if group is not None:
+            from_first_rank(str(model_dir), group)  # the other ranks score it with this one
+        return _score_champion(params, Path(model_dir), group)[metric]
 
     return promote_if_not_worse(registration["name"], str(registration["version"]), metrics[metric], metric=metric,
                                 digest=settings_digest(settings), score_model=score_champion)
+
+
+def _score_champion(params: Params, model_dir: Path, group: dist.ProcessGroup | None) -> dict[str, float]:
+    return evaluate_model(params, model_dir, model_dir.parent / "champion-rescored", group=group)
+
+
+def _follow_champion_scoring(params: Params, group: dist.ProcessGroup) -> None:
+    """The other ranks' part of the gate: score each champion the first rank names, until it names none."""
+    while (model_dir := from_first_rank(None, group)) is not None:
+        _score_champion(params, Path(model_dir), group)
 
 
 def save_comparison(suite: dict[str, dict[str, float]], path: Path, title: str) -> None:

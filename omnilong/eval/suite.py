@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
+
+import torch.distributed as dist
 
 from omnilong import atomic
 from omnilong.config import Params, corpus_path
@@ -18,7 +21,7 @@ from omnilong.config import Params, corpus_path
 def evaluation_settings(params: Params) -> dict:
     """What makes two models' scores comparable: the evaluation parameters and the model's
     video tokenisation. Recorded with every gate score."""
-    return {"eval": params.eval.model_dump(mode="json", exclude={"heldout_rows"}),
+    return {"eval": params.eval.model_dump(mode="json", exclude={"heldout_rows", "sp_size"}),
             "video": params.model.video.model_dump(mode="json")}
 
 
@@ -39,7 +42,19 @@ def vniah_haystack(params: Params, root: Path = Path(".")) -> Path:
     return videos[0]
 
 
-def evaluate_model(params: Params, model_dir: Path, out_dir: Path, root: Path = Path(".")) -> dict[str, float]:
+def evaluate_model(params: Params, model_dir: Path, out_dir: Path, root: Path = Path("."),
+                   group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """The three evaluations' metrics; their files go to `out_dir`. Under a sequence-parallel
+    `group` every rank calls this and asks the same questions; only the first rank's files are
+    kept (the evaluations write as they go: the others write into a scratch directory)."""
+    if group is not None and dist.get_rank(group) != 0:
+        with tempfile.TemporaryDirectory(prefix="omnilong-eval-") as scratch:
+            return _evaluate_model(params, model_dir, Path(scratch), root, group)
+    return _evaluate_model(params, model_dir, out_dir, root, group)
+
+
+def _evaluate_model(params: Params, model_dir: Path, out_dir: Path, root: Path,
+                    group: dist.ProcessGroup | None) -> dict[str, float]:
     from omnilong.eval.niah import run_niah
     from omnilong.eval.niah_haystack import niah_haystack_text
     from omnilong.eval.videomme import evaluate_videomme
@@ -47,7 +62,7 @@ def evaluate_model(params: Params, model_dir: Path, out_dir: Path, root: Path = 
     from omnilong.eval.vniah import run_vniah
     from omnilong.infer.generate import ModelAnswerer
 
-    answerer = ModelAnswerer(model_dir, params.model.video)
+    answerer = ModelAnswerer(model_dir, params.model.video, sp_group=group, ring_backend=params.parallel.ring_attention)
     niah = run_niah(answerer, answerer.tokenizer, niah_haystack_text(params, root), params.eval.niah, out_dir / "niah")
     vniah = run_vniah(answerer, vniah_haystack(params, root), params.eval.vniah, out_dir / "vniah")
     videomme = evaluate_videomme(answerer, params.eval.videomme, out_dir / "videomme")

@@ -1,6 +1,7 @@
 """`omnilong train`: run a stage under torchrun, one process per GPU (or `nproc_per_node` CPU ranks).
 
-Already inside torchrun (a multi-node launch the user made), it runs the stage directly.
+Already inside torchrun (a multi-node launch the user made), it runs the stage directly. The
+evaluation commands launch themselves through the same `torchrun` when sequence-parallel.
 """
 
 from __future__ import annotations
@@ -29,17 +30,28 @@ def runner_args(stage: StageName, params_file: Path, init: Path, out: Path, chec
     return args + (["--variant", variant] if variant else [])
 
 
+def under_torchrun() -> bool:
+    """Whether this process is a rank torchrun started."""
+    return "LOCAL_RANK" in os.environ
+
+
+def torchrun(module: str, args: list[str], nproc_per_node: int, nnodes: int = 1) -> int:
+    """Run `python -m module args` as `nproc_per_node` ranks per node under torchrun (one node:
+    standalone, no rendezvous server to give); its exit code."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node),
+        *(["--standalone"] if nnodes == 1 else []),
+        "-m", module, *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(command, env=env).returncode
+
+
 def launch(params: Params, args: list[str]) -> int:
-    if "LOCAL_RANK" in os.environ:
+    if under_torchrun():
         from omnilong.train.runner import main
 
         main(args)
         return 0
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", str(params.parallel.nnodes), "--nproc_per_node", str(params.parallel.nproc_per_node),
-        *(["--standalone"] if params.parallel.nnodes == 1 else []),
-        "-m", "omnilong.train.runner", *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run(command, env=env).returncode
+    return torchrun("omnilong.train.runner", args, params.parallel.nproc_per_node, params.parallel.nnodes)
