@@ -275,6 +275,9 @@ class ContextStep(_Params):
 
     from_step: NonNegativeInt
     seq_len: PositiveInt
+    micro_batch_size: PositiveInt | None = None
+    """Rows per micro-batch from this step on; null: the stage's `train.micro_batch_size`. Short
+    lengths can take more rows, keeping the tokens per step (and their signal) up as recipes do."""
 
 
 class StageParams(_Params):
@@ -318,10 +321,19 @@ class StageParams(_Params):
             )
         return self
 
+    def _scheduled_at(self, step: int) -> ContextStep | None:
+        active = [entry for entry in self.context_schedule if entry.from_step <= step]
+        return active[-1] if active else None
+
     def seq_len_at(self, step: int) -> int:
         """The row length trained on at optimizer step `step`."""
-        active = [entry.seq_len for entry in self.context_schedule if entry.from_step <= step]
-        return active[-1] if active else self.seq_len
+        entry = self._scheduled_at(step)
+        return entry.seq_len if entry else self.seq_len
+
+    def micro_batch_size_at(self, step: int) -> int:
+        """Rows per micro-batch at optimizer step `step`."""
+        entry = self._scheduled_at(step)
+        return entry.micro_batch_size if entry and entry.micro_batch_size else self.train.micro_batch_size
 
     @property
     def packed_lengths(self) -> list[int]:

@@ -47,6 +47,14 @@ def test_context_schedule_steps():
     assert stage.packed_lengths == [256, 512, 1024]
 
 
+def test_context_schedule_micro_batch_sizes():
+    stage = StageParams(seq_len=1024, train={"micro_batch_size": 2}, context_schedule=[
+        {"from_step": 0, "seq_len": 256, "micro_batch_size": 8}, {"from_step": 6, "seq_len": 512},
+        {"from_step": 12, "seq_len": 1024, "micro_batch_size": 1}])
+    assert [stage.micro_batch_size_at(step) for step in (0, 5, 6, 11, 12, 100)] == [8, 8, 2, 2, 1, 1]
+    assert StageParams(seq_len=1024, train={"micro_batch_size": 3}).micro_batch_size_at(7) == 3
+
+
 @pytest.mark.parametrize(("schedule", "key"), [
     ([{"from_step": 5, "seq_len": 256}, {"from_step": 9, "seq_len": 1024}], "context_schedule"),
     ([{"from_step": 0, "seq_len": 256}, {"from_step": 0, "seq_len": 1024}], "context_schedule"),

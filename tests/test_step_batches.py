@@ -26,9 +26,10 @@ def rows_and_config(tmp_path_factory, tiny_model_dir):
     return rows, config, directory
 
 
-def _steps(rows, config, sp_rank: int = 0, sp_size: int = 1) -> StepBatches:
-    return StepBatches({len(rows[0]["input_ids"]): rows}, lambda step: len(rows[0]["input_ids"]), num_steps=3,
-                       micro_batch_size=1, grad_accum_steps=len(rows), dp_rank=0, dp_size=1, sp_rank=sp_rank,
+def _steps(rows, config, sp_rank: int = 0, sp_size: int = 1, micro_batch_size_at=lambda step: 1,
+           grad_accum_steps: int | None = None) -> StepBatches:
+    return StepBatches({len(rows[0]["input_ids"]): rows}, lambda step: len(rows[0]["input_ids"]), micro_batch_size_at,
+                       num_steps=3, grad_accum_steps=grad_accum_steps or len(rows), dp_rank=0, dp_size=1, sp_rank=sp_rank,
                        sp_size=sp_size, seed=0, family="qwen2_5_vl", model_config=config, video_params=VideoTokenParams())
 
 
@@ -55,3 +56,11 @@ def test_each_sequence_parallel_rank_decodes_only_its_share_of_the_frames(rows_a
     assert share_patches == [whole_patches // 2] * 2
     torch.testing.assert_close(torch.cat([share.video_pieces[0]["pixel_values_videos"] for share in shares]),
                                whole.video_pieces[0]["pixel_values_videos"], rtol=0, atol=0)
+
+
+def test_the_micro_batch_size_follows_the_schedule(rows_and_config):
+    rows, config, _ = rows_and_config
+    steps = _steps(rows, config, micro_batch_size_at=lambda step: 3 if step == 0 else 1, grad_accum_steps=1)
+    assert [steps[step].micro_batches[0].input_ids.shape[0] for step in range(3)] == [3, 1, 1]
+    # Step 0 took each row once: an epoch's order, not one row repeated.
+    assert sorted(int(first) for first in steps[0].micro_batches[0].input_ids[:, 0]) == [20, 21, 22]

@@ -141,12 +141,12 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, datasets: dict[int, torch.utils.data.Dataset], seq_len_at, *, num_steps: int,
-        micro_batch_size: int, grad_accum_steps: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
+        self, datasets: dict[int, torch.utils.data.Dataset], seq_len_at, micro_batch_size_at, *, num_steps: int,
+        grad_accum_steps: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
         seed: int, family: Family, model_config, video_params: VideoTokenParams,
     ):
         self.datasets, self.seq_len_at, self.num_steps = datasets, seq_len_at, num_steps
-        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
+        self.micro_batch_size_at, self.grad_accum_steps = micro_batch_size_at, grad_accum_steps
         self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
         self.seed, self.family, self.model_config, self.video_params = seed, family, model_config, video_params
 
@@ -161,7 +161,7 @@ class StepBatches(torch.utils.data.Dataset):
             rows = [
                 self._openable_row(dataset, row, skipped)
                 for row in rows_for_step(
-                    len(dataset), step=step, micro=micro, micro_batch_size=self.micro_batch_size,
+                    len(dataset), step=step, micro=micro, micro_batch_size=self.micro_batch_size_at(step),
                     grad_accum_steps=self.grad_accum_steps, dp_rank=self.dp_rank, dp_size=self.dp_size,
                     seed=self.seed,
                 )

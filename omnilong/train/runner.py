@@ -248,8 +248,8 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     logger.start(start_step)
     step_data = torch.utils.data.DataLoader(
         StepBatches(
-            datasets, stage.seq_len_at, num_steps=train.max_steps,
-            micro_batch_size=train.micro_batch_size, grad_accum_steps=train.grad_accum_steps,
+            datasets, stage.seq_len_at, stage.micro_batch_size_at, num_steps=train.max_steps,
+            grad_accum_steps=train.grad_accum_steps,
             dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size,
             seed=params.seed + train.seed,
             family=params.model.family, model_config=model_config, video_params=params.model.video,
