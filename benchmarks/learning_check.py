@@ -25,7 +25,7 @@ number never seen in training, keyed by a name never seen in training.
 
 Calibration that set these sizes: a plain 2-layer, 128-wide Qwen2 learned needle copying at 128
 tokens in about 5 minutes on 2 cores; trained from the start at 512-1,024 tokens it stayed at
-chance, so the context grows. This is a benchmark (about 20 minutes on 2 CPU cores), not a test.
+chance, so the context grows. This is a benchmark (about 24 minutes on 2 CPU cores), not a test.
 
 The last line printed is one JSON object: {"benchmark": "learning_check", ...}.
 """
@@ -75,9 +75,9 @@ STAGE1 = {"seq_len": 256, "sp_size": 2, "train": {
     "lr": 1.0e-3, "warmup_steps": 10, "max_steps": 150, "micro_batch_size": 16, "checkpoint_every": 50,
     "activation_checkpointing": False}}
 STAGE2 = {"seq_len": 1024, "sp_size": 2, "context_schedule": [
-    {"from_step": 0, "seq_len": 128}, {"from_step": 2000, "seq_len": 256},
-    {"from_step": 2200, "seq_len": 512}, {"from_step": 2400, "seq_len": 1024}],
-    "train": {"lr": 2.0e-3, "min_lr_ratio": 0.2, "warmup_steps": 20, "max_steps": 2650, "micro_batch_size": 16,
+    {"from_step": 0, "seq_len": 128}, {"from_step": 1700, "seq_len": 256},
+    {"from_step": 1850, "seq_len": 512}, {"from_step": 2050, "seq_len": 1024}],
+    "train": {"lr": 2.0e-3, "min_lr_ratio": 0.5, "warmup_steps": 20, "max_steps": 2650, "micro_batch_size": 16,
               "checkpoint_every": 250, "activation_checkpointing": False}}
 STAGE3 = {"seq_len": 512, "sp_size": 2, "video_frames": {"num_frames": 16}, "train": {
     "lr": 1.0e-4, "warmup_steps": 2, "max_steps": 10, "micro_batch_size": 4, "activation_checkpointing": False}}
