@@ -191,16 +191,10 @@ def evaluate(
         resolved = [f"{label}={directory}" for label, directory in models.items()]
         raise typer.Exit(torchrun("omnilong.cli", _command_line(ctx, model=resolved), cfg.eval.sp_size))
     from omnilong.eval.report import evaluate_and_track
-
-    if cfg.eval.sp_size == 1:
-        evaluate_and_track(cfg, models, out, run_name=name)
-        return
-    import torch.distributed as dist
-
     from omnilong.infer.prefill import inference_group
 
-    evaluate_and_track(cfg, models, out, run_name=name, group=inference_group(cfg.eval.sp_size))
-    dist.destroy_process_group()
+    with inference_group(cfg.eval.sp_size) as group:
+        evaluate_and_track(cfg, models, out, run_name=name, group=group)
 
 
 @report_app.command("ablation")
@@ -257,6 +251,7 @@ def generate(
     from omnilong.data.video_frames import VideoReadError
     from omnilong.eval.answering import Question, VideoQuery
     from omnilong.infer.generate import ModelAnswerer
+    from omnilong.infer.prefill import inference_group
     from omnilong.tracking.registry import resolve_model_dir
     from omnilong.train.launch import torchrun, under_torchrun
 
@@ -268,26 +263,19 @@ def generate(
         except ValidationError as exc:
             raise _fail(f"--num-frames/--fps/--max-frames: {exc.errors()[0]['msg']}", 2) from None
         query = VideoQuery(video, sampling, start, end)
-    sequence_parallel = cfg.eval.sp_size > 1
-    if sequence_parallel and not under_torchrun():
+    if cfg.eval.sp_size > 1 and not under_torchrun():
         # The ranks load the model the registry URI names from one download.
         model_dir = resolve_model_dir(model, cfg.tracking)
         raise typer.Exit(torchrun("omnilong.cli", _command_line(ctx, model=model_dir), cfg.eval.sp_size))
-    group = None
-    if sequence_parallel:
-        from omnilong.infer.prefill import inference_group
-
-        group = inference_group(cfg.eval.sp_size)
-    try:
-        answerer = ModelAnswerer(resolve_model_dir(model, cfg.tracking), cfg.model.video, sp_group=group,
-                                 ring_backend=cfg.parallel.ring_attention)
-        answer = answerer.answer(Question([{"role": "user", "content": question}], query, max_new_tokens))
-    except (FileNotFoundError, VideoReadError, ValueError) as exc:
-        raise _fail(str(exc), 1) from None
-    if group is None or dist.get_rank(group) == 0:
-        typer.echo(answer)
-    if group is not None:
-        dist.destroy_process_group()
+    with inference_group(cfg.eval.sp_size) as group:
+        try:
+            answerer = ModelAnswerer(resolve_model_dir(model, cfg.tracking), cfg.model.video, sp_group=group,
+                                     ring_backend=cfg.parallel.ring_attention)
+            answer = answerer.answer(Question([{"role": "user", "content": question}], query, max_new_tokens))
+        except (FileNotFoundError, VideoReadError, ValueError) as exc:
+            raise _fail(str(exc), 1) from None
+        if group is None or dist.get_rank(group) == 0:
+            typer.echo(answer)
 
 
 @report_app.command("videomme")

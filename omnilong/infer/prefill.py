@@ -30,16 +30,24 @@ from omnilong.parallel.zigzag import SequenceLayout, shard_sequence, unshard_seq
 from omnilong.train.training_module import language_model_positions
 
 
-def inference_group(sp_size: int) -> dist.ProcessGroup:
-    """Under torchrun: join the job's process group (NCCL on this rank's GPU, else gloo); the
-    whole job is one sequence-parallel group of `sp_size` ranks."""
+@contextlib.contextmanager
+def inference_group(sp_size: int) -> Iterator[dist.ProcessGroup | None]:
+    """The sequence-parallel group to answer with: None for one process. For `sp_size` > 1,
+    under torchrun: the job's process group (NCCL on this rank's GPU, else gloo), the whole job
+    one group of `sp_size` ranks, left again on exit."""
+    if sp_size == 1:
+        yield None
+        return
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if on_gpu else "gloo")
-    if dist.get_world_size() != sp_size:
-        raise ValueError(f"eval.sp_size: expected the job's world size {dist.get_world_size()}, given {sp_size}")
-    return dist.group.WORLD
+    try:
+        if dist.get_world_size() != sp_size:
+            raise ValueError(f"eval.sp_size: expected the job's world size {dist.get_world_size()}, given {sp_size}")
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
 
 def from_first_rank(value: Any, group: dist.ProcessGroup) -> Any:
