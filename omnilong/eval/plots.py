@@ -49,9 +49,9 @@ def save_heatmap(
         if outside:
             raise ValueError(f"save_heatmap: row {row!r} has scores outside [0, 1]: {outside}")
 
-    figure = Figure(
-        figsize=(2.5 + CELL_INCHES * len(col_labels), 1.5 + 0.5 * CELL_INCHES * len(row_labels)), dpi=100
-    )
+    # At least as wide as two columns: a one-column grid would clip the title.
+    width = 2.5 + CELL_INCHES * max(2, len(col_labels))
+    figure = Figure(figsize=(width, 1.5 + 0.5 * CELL_INCHES * len(row_labels)), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(
