@@ -440,6 +440,9 @@ class EvalParams(_Params):
 
 
 class TrackingParams(_Params):
+    enabled: bool = True
+    """False: training stages log to the console and save their loss curve, but start no MLflow
+    run and register nothing (a machine without MLflow, a quick benchmark)."""
     uri: str | None = None
     """MLflow tracking URI; None means the SQLite store under `mlflow/` in the project."""
     experiment: Annotated[str, Field(min_length=1)] = "omnilong"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,13 +19,13 @@ from tests.conftest import project_env
 pytestmark = pytest.mark.slow
 
 
-def _train(root: Path, params: dict, name: str, out: str, ckpt: str) -> subprocess.CompletedProcess:
+def _train(root: Path, params: dict, name: str, out: str, ckpt: str, env: dict | None = None) -> subprocess.CompletedProcess:
     params_file = root / f"{name}.yaml"
     params_file.write_text(yaml.safe_dump(params))
     return subprocess.run(
         [sys.executable, "-m", "omnilong.cli", "train", "--stage", "stage1", "--params", str(params_file),
          "--out", out, "--checkpoints", ckpt],
-        cwd=root, env=project_env(root), capture_output=True, text=True, timeout=900,
+        cwd=root, env=env or project_env(root), capture_output=True, text=True, timeout=900,
     )
 
 
@@ -88,6 +89,26 @@ def test_lora_stage_registers_merged_weights_and_logs_the_adapter(stage1_setup):
     client = _client(root)
     artifacts = {item.path for item in client.list_artifacts(record["run_id"])}
     assert {"adapter", "model"} <= artifacts
+
+
+def test_a_text_stage_runs_without_mlflow_or_video_decoders(stage1_setup, tmp_path):
+    """As on a bare GPU machine: mlflow, decord and PyAV cannot be imported, tracking is off."""
+    raw, root = stage1_setup
+    raw = json.loads(json.dumps(raw))
+    raw["stages"]["stage1"]["train"].update(max_steps=2, checkpoint_every=2)
+    raw["tracking"] = {"enabled": False}
+    blocked = tmp_path / "blocked"
+    for name in ("mlflow", "decord", "av"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+    env = project_env(root)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocked), env.get("PYTHONPATH")]))
+    result = _train(root, raw, "untracked", "runs/untracked", "checkpoints/untracked", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "tracking off" in result.stdout and "step 2/2" in result.stdout
+    assert (root / "runs/untracked/model/model.safetensors").is_file()
+    assert (root / "runs/untracked/loss_curve.png").stat().st_size > 0
+    assert not (root / "runs/untracked/registration.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,17 @@ from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import av
-import decord
 import numpy as np
 from PIL import Image
 from torch.utils.dlpack import from_dlpack
 
 from omnilong.config import FrameSampling
+
+if TYPE_CHECKING:  # the decoders are imported where frames are decoded: text stages need neither
+    import av
+    import decord
 
 # Frames decoded per decoder call: bounds the memory of one call whatever the sample asks for.
 DECODE_BATCH = 32
@@ -91,6 +94,8 @@ class _DecordVideo:
 
     def decode(self, indices: list[int]) -> np.ndarray:
         """uint8 [len(indices), H, W, 3] for ascending `indices`."""
+        import decord
+
         try:
             # Zero-copy through DLPack: asnumpy() copies the batch, which at least doubles the
             # memory a batch of full-size frames takes.
@@ -110,6 +115,8 @@ class _PyAVVideo:
     """
 
     def __init__(self, path: Path):
+        import av
+
         self.path = path
         try:
             self._container = av.open(str(path))
@@ -129,6 +136,8 @@ class _PyAVVideo:
 
     def decode(self, indices: list[int]) -> np.ndarray:
         """uint8 [len(indices), H, W, 3] for ascending `indices`."""
+        import av
+
         frames = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
         try:
             for slot, index in enumerate(indices):
@@ -155,6 +164,8 @@ class _PyAVVideo:
 
 
 def _open(path: Path) -> _DecordVideo | _PyAVVideo:
+    import decord
+
     if not path.is_file():
         raise VideoReadError(f"{path}: no such video file")
     if path.stat().st_size == 0:

@@ -27,6 +27,7 @@ from torch import nn
 from omnilong.config import Family, VideoTokenParams
 from omnilong.models.video_encoders import encode_units, trailing_embedding
 from omnilong.models.video_inputs import VideoSpan
+from omnilong.torch_compat import all_gather_single, reduce_scatter_single
 
 NOT_VIDEO = -1
 
@@ -63,7 +64,7 @@ class _GatherVideoTokens(torch.autograd.Function):
         ctx.counts, ctx.group, ctx.rank = counts, group, dist.get_rank(group)
         padded = _pad_rows(local, max(counts))
         gathered = torch.empty((len(counts) * padded.shape[0], *padded.shape[1:]), dtype=local.dtype, device=local.device)
-        dist.all_gather_single(gathered, padded.contiguous(), group=group)
+        all_gather_single(gathered, padded.contiguous(), group=group)
         return torch.cat([gathered[r * padded.shape[0] : r * padded.shape[0] + n] for r, n in enumerate(counts)])
 
     @staticmethod
@@ -72,7 +73,7 @@ class _GatherVideoTokens(torch.autograd.Function):
         per_rank = torch.split(grad, ctx.counts)
         stacked = torch.cat([_pad_rows(part, longest) for part in per_rank]).contiguous()
         mine = torch.empty((longest, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_single(mine, stacked, group=ctx.group)
+        reduce_scatter_single(mine, stacked, group=ctx.group)
         return mine[: ctx.counts[ctx.rank]], None, None
 
 

@@ -2,8 +2,9 @@
 
 Each line shows loss, learning rate, tokens/s and the peak memory of every rank. Rank 0 owns the
 stage's MLflow run (omnilong/tracking/runs.py); a resumed stage keeps logging to the run it
-started, so its curve has no gap. Steps between the last checkpoint and a crash are logged
-again when they are redone: MLflow keeps both points of such a step, the later one is current.
+started, so its curve has no gap. Steps between the last checkpoint and a crash are logged again
+when they are redone: MLflow keeps both points of such a step, the later one is current. With
+`tracking.enabled: false` nothing goes to MLflow and the loss curve holds this process's steps.
 """
 
 from __future__ import annotations
@@ -81,10 +82,15 @@ class StepLogger:
         self.ds_config = ds_config
         self.params_file = params_file
         self.is_main = dist.get_rank() == 0
+        self.tracked = params.tracking.enabled
         self.run_id: str | None = resumed_run_id
+        self._curve: dict[str, dict[int, float]] = {"train/loss": {}, "train/seq_len": {}}  # tracking off
 
     def start(self, start_step: int) -> None:
-        if self.is_main:
+        if self.is_main and not self.tracked:
+            print(f"[{self.run.stage}] {'resuming at step ' + str(start_step) if start_step else 'starting'}; "
+                  "tracking off", flush=True)
+        elif self.is_main:
             use_experiment(self.params.tracking, Path("."))  # also for a resumed run's client calls
             stage_name = self.run.stage + (f"-{self.run.variant}" if self.run.variant else "")
             if self.run_id is None:
@@ -98,7 +104,8 @@ class StepLogger:
                 f"MLflow run {self.run_id}",
                 flush=True,
             )
-        self.run_id = _broadcast(self.run_id)
+        if self.tracked:
+            self.run_id = _broadcast(self.run_id)
 
     def _log_run_inputs(self) -> None:
         from mlflow import MlflowClient
@@ -128,9 +135,6 @@ class StepLogger:
         memory = _gather_floats(peak_memory_mb())
         if not self.is_main:
             return
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
-
         metrics = {
             "train/loss": loss,
             "train/lr": lr,
@@ -142,10 +146,17 @@ class StepLogger:
         }
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
-        now_ms = int(time.time() * 1000)
-        MlflowClient().log_batch(
-            self.run_id, metrics=[Metric(key, value, now_ms, step) for key, value in metrics.items()]
-        )
+        if not self.tracked:
+            for key, points in self._curve.items():
+                points[step] = metrics[key]
+        else:
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric
+
+            now_ms = int(time.time() * 1000)
+            MlflowClient().log_batch(
+                self.run_id, metrics=[Metric(key, value, now_ms, step) for key, value in metrics.items()]
+            )
         memory_text = " ".join(f"r{rank}:{mb:.0f}MB" for rank, mb in enumerate(memory))
         print(
             f"[{self.run.stage}] step {step + 1}/{self.params.stages[self.run.stage].train.max_steps} "
@@ -157,6 +168,10 @@ class StepLogger:
     def finish(self) -> None:
         """Register the exported model (rank 0) as a version with the stage's alias."""
         if not self.is_main:
+            return
+        if not self.tracked:
+            print(f"[{self.run.stage}] loss curve: {self._plot_loss_curve()} (tracking off: nothing registered)",
+                  flush=True)
             return
         from omnilong.tracking.registry import register_stage
 
@@ -177,18 +192,23 @@ class StepLogger:
 
 
     def _plot_loss_curve(self) -> Path:
-        """The stage's loss (and context length) per step, from what MLflow recorded, as a PNG."""
+        """The stage's loss (and context length) per step, as a PNG: what MLflow recorded (every
+        attempt of a resumed stage), or this process's steps when tracking is off."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from mlflow import MlflowClient
 
-        client = MlflowClient()
+        def recorded(key: str) -> dict[int, float]:
+            if not self.tracked:
+                return self._curve[key]
+            from mlflow import MlflowClient
+
+            history = sorted(MlflowClient().get_metric_history(self.run_id, key), key=lambda m: m.timestamp)
+            return {m.step: m.value for m in history}
 
         def latest_per_step(key: str) -> tuple[list[int], list[float]]:
-            points = {m.step: m.value for m in sorted(client.get_metric_history(self.run_id, key),
-                                                       key=lambda m: m.timestamp)}
+            points = recorded(key)
             steps = sorted(points)
             return [step + 1 for step in steps], [points[step] for step in steps]
 
