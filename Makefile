@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test test-fast serve ui readme-plots
+.PHONY: install run test test-fast serve ui readme-plots gpu-bundle
 
 $(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ serve: install  ## Prefect server on 127.0.0.1:4200 + the omnilong deployments; 
 
 ui: install  ## the MLflow UI on http://127.0.0.1:5000 over the project's store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+gpu-bundle: install  ## .gpu-bundle/: the wheels and data a bare GPU machine lacks for benchmarks/gpu_suite.py
+	$(BIN)/python -m benchmarks.gpu_bundle --out .gpu-bundle
 
 readme-plots:  ## copy the last run's stage-3 evaluation plots to docs/images (README.md shows them)
 	mkdir -p docs/images
