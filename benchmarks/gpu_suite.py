@@ -9,6 +9,7 @@ run), one JSON line per part on stdout and in DIR/gpu_suite.jsonl, then a summar
   and bf16 on packed documents with grouped K/V heads, at P = 1 and the block plans of P = 2
   and 4 replayed in one process (benchmarks/ring_replay.py); then time and peak memory of one
   forward+backward against SDPA's flash kernel on one causal document, 8K-128K tokens;
+- `varlen_probe`: PyTorch's variable-length flash kernel on packed documents (CUDA only);
 - `chunked_loss`: our chunked loss at Qwen2.5-7B's head (H 3,584, V 152,064) in bf16 against the
   full-logits loss transformers computes (and Liger's and Cut Cross-Entropy's fused losses when
   importable), 16K-128K tokens: peak memory and time, `oom` where one does not fit;
@@ -266,6 +267,32 @@ def _ring_timings(ctx: Context, inputs, scale: float) -> list[dict]:
     return rows
 
 
+def part_varlen_probe(ctx: Context) -> dict:
+    """PyTorch's variable-length flash kernel on packed documents with grouped K/V heads: its
+    log-sum-exp layout and its error against SDPA, forward and backward (CUDA, half precision)."""
+    if ctx.device.type != "cuda":
+        return {"skipped": "the variable-length flash kernel exists on CUDA only"}
+    heads, kv_heads, head_dim = ctx.sizes.attn_heads
+    doc_lens = list(ctx.sizes.attn_doc_lens)
+    total = sum(doc_lens)
+    generator = torch.Generator(device=ctx.device).manual_seed(1)
+    q, k, v, dout = (torch.randn(total, h, head_dim, device=ctx.device, dtype=torch.bfloat16, generator=generator)
+                     for h in (heads, kv_heads, kv_heads, heads))
+    bounds = torch.tensor([0, *torch.tensor(doc_lens).cumsum(0).tolist()], dtype=torch.int32, device=ctx.device)
+    longest, scale = max(doc_lens), head_dim**-0.5
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, bounds, bounds, longest, longest, 0.0, True, False, scale=scale)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dout, q, k, v, out, lse, bounds, bounds, longest, longest, 0.0, True, rng_state, unused, scale=scale)
+    as_bhsd = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v, dout)]
+    expected = _attention_reference(*as_bhsd[:3], doc_lens, as_bhsd[3])
+    errors = {f"rel_err_{name}": _relative_error(got.transpose(0, 1).unsqueeze(0), want)
+              for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), expected)}
+    return {"doc_lens": doc_lens, "heads": [heads, kv_heads, head_dim], "lse_shape": list(lse.shape),
+            "lse_dtype": str(lse.dtype), **errors,
+            "ok": all(e < TOLERANCES[torch.bfloat16]["rtol"] for e in errors.values())}
+
+
 def part_chunked_loss(ctx: Context) -> dict:
     from omnilong.loss import linear_cross_entropy
 
@@ -436,7 +463,7 @@ def part_training_step(ctx: Context, peak_tflops: float | None) -> dict:
     return result
 
 
-PARTS = ("environment", "matmul_peak", "ring_attention", "chunked_loss", "zero3_step", "training_step")
+PARTS = ("environment", "matmul_peak", "ring_attention", "varlen_probe", "chunked_loss", "zero3_step", "training_step")
 
 
 def run_suite(ctx: Context, parts: tuple[str, ...]) -> dict:
