@@ -150,6 +150,26 @@ def test_bf16_matches_reference_and_is_no_less_accurate(options, seed):
         assert ours_error <= slack * reference_error + 1e-6 * t.abs().max().item(), (name, ours_error, reference_error)
 
 
+# Rounded to bf16, 1/3 is 0.20% high and 1/6000 0.14%: past half of bf16's 2^-8..2^-7 spacing,
+# so rounding the scale first moves many elements (a scale within 0.1% of a bf16 value moves few).
+@pytest.mark.parametrize("upstream", [1 / 3, 1 / 6000], ids=["third", "one_over_tokens"])
+def test_bf16_hidden_gradient_is_scaled_in_fp32_and_rounded_once(upstream):
+    """The upstream gradient (1 / token count in training) is rarely a bf16 value.
+
+    Rounding it to bf16 before scaling biases every hidden-gradient element alike, by up to
+    0.2%, while the weight and bias gradients are scaled in fp32: the hidden gradient must be
+    the unscaled one times the fp32 upstream gradient, rounded once to bf16, bit for bit.
+    """
+    masters = make_inputs(300, 64, 3001, ignored="some", bias=True, seed=4)
+    bf16 = [t.bfloat16() for t in masters[:3]] + [masters[3]]
+    _, _, (unscaled, *_) = loss_and_grads(*bf16, chunk_tokens=32, upstream=1.0)
+    _, _, (scaled, *_) = loss_and_grads(*bf16, chunk_tokens=32, upstream=upstream)
+    expected = (unscaled.float() * torch.tensor(upstream, dtype=torch.float32)).bfloat16()
+    assert scaled.dtype == torch.bfloat16
+    mismatched = (scaled != expected).sum().item()
+    assert mismatched == 0, f"{mismatched} of {scaled.numel()} elements differ from one fp32-scaled rounding"
+
+
 class TensorSizeRecorder(TorchDispatchMode):
     """Records the element count of every tensor an aten op returns (forward and backward)."""
 

@@ -130,23 +130,44 @@ def tied_model_dir(stage1_setup):
     return target
 
 
+def _three_step_run(impl: str, tied: bool, offload: bool) -> str:
+    """The name of the run `three_step_weights` trains for a setting (its runs/ and checkpoints/ folder)."""
+    return f"three-steps-{impl}-{'tied' if tied else 'untied'}{'-offload' if offload else ''}"
+
+
+@pytest.fixture(scope="module")
+def three_step_weights(stage1_setup, tied_model_dir):
+    """`three_step_weights(impl=, tied=, offload=)`: the weights after 3 optimizer steps of stage 1
+    under ZeRO-3 on 2 ranks (fp32 on CPU), each setting trained once per module, so tests that
+    compare against the same setting share its run."""
+    raw, root = stage1_setup
+    done: dict[tuple[str, bool, bool], dict[str, torch.Tensor]] = {}
+
+    def weights(*, impl: str = "chunked", tied: bool = False, offload: bool = False) -> dict[str, torch.Tensor]:
+        if (impl, tied, offload) not in done:
+            params = json.loads(json.dumps(raw))
+            params["stages"]["stage1"]["train"].update(
+                max_steps=3, checkpoint_every=3, offload_optimizer=offload, offload_params=offload
+            )
+            params["stages"]["stage1"]["loss"] = {"impl": impl, "chunk_tokens": 64}
+            if tied:
+                params["model"]["path"] = str(tied_model_dir.relative_to(root))
+            name = _three_step_run(impl, tied, offload)
+            result = _train(root, params, name, f"runs/{name}", f"checkpoints/{name}")
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            done[impl, tied, offload] = load_file(root / f"runs/{name}/model/model.safetensors")
+        return done[impl, tied, offload]
+
+    return weights
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_chunked_and_reference_losses_train_the_same_weights(stage1_setup, tied_model_dir, tied):
+def test_chunked_and_reference_losses_train_the_same_weights(stage1_setup, tied_model_dir, three_step_weights, tied):
     """3 optimizer steps under ZeRO-3 on 2 ranks: the chunked loss leaves the weights the
     reference loss (full logits) leaves, tied head or not."""
     raw, root = stage1_setup
-    raw = json.loads(json.dumps(raw))
-    raw["stages"]["stage1"]["train"].update(max_steps=3, checkpoint_every=3)
-    if tied:
-        raw["model"]["path"] = str(tied_model_dir.relative_to(root))
-    weights = {}
-    for impl in ("chunked", "reference"):
-        raw["stages"]["stage1"]["loss"] = {"impl": impl, "chunk_tokens": 64}
-        name = f"loss-{impl}-{'tied' if tied else 'untied'}"
-        result = _train(root, raw, name, f"runs/{name}", f"checkpoints/{name}")
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        weights[impl] = load_file(root / f"runs/{name}/model/model.safetensors")
-    initial = load_file(root / raw["model"]["path"] / "model.safetensors")
+    weights = {impl: three_step_weights(impl=impl, tied=tied) for impl in ("chunked", "reference")}
+    initial = load_file((tied_model_dir if tied else root / raw["model"]["path"]) / "model.safetensors")
     assert weights["chunked"].keys() == weights["reference"].keys()
     for key, value in weights["reference"].items():
         torch.testing.assert_close(weights["chunked"][key], value, rtol=1e-4, atol=2e-5, msg=key)
@@ -155,3 +176,32 @@ def test_chunked_and_reference_losses_train_the_same_weights(stage1_setup, tied_
     if tied:
         assert "lm_head.weight" not in weights["chunked"] or torch.equal(
             weights["chunked"]["lm_head.weight"], weights["chunked"]["model.embed_tokens.weight"])
+
+
+def test_cpu_offload_trains_the_same_weights(stage1_setup, three_step_weights):
+    """ZeRO-3 with the optimizer states and the parameters offloaded to the CPU: after 3 steps,
+    the weights of the run without offload (the chunked, untied run the test above trains).
+
+    On this CPU-only machine both devices are the CPU: the test runs DeepSpeed's offload paths
+    (fp32 partitions and gradients in CPU buffers, the torch AdamW step on them), not real
+    transfers, and the optimizer is the runner's torch AdamW (no DeepSpeedCPUAdam to compile).
+    fp32 throughout; the offload path rounds differently, so the weights agree to rounding, not
+    bit for bit: atol 1e-6 is a thousandth of one step's update (AdamW moves a weight by about
+    lr = 1e-3), rtol 1e-5. Measured: at most 2.3e-7 (the k_proj biases, whose small gradients
+    AdamW's normalisation magnifies), 1 ulp elsewhere.
+    """
+    raw, root = stage1_setup
+    initial = load_file(root / raw["model"]["path"] / "model.safetensors")
+    without = three_step_weights()
+    offloaded = three_step_weights(offload=True)
+    states = torch.load(
+        root / "checkpoints" / _three_step_run("chunked", False, True) / "step0000003"
+        / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
+    )
+    zero = states["ds_config"]["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+    assert offloaded.keys() == without.keys()
+    for key, value in without.items():
+        torch.testing.assert_close(offloaded[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    trained = {key for key in initial if not torch.equal(offloaded[key], initial[key])}
+    assert "lm_head.weight" in trained and any(".layers." in key for key in trained)

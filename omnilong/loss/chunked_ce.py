@@ -23,7 +23,9 @@ any moment. Only valid tokens are processed: ignored rows cost nothing and get z
 Low-precision inputs (bf16, fp16) are multiplied in their dtype; the softmax, the loss and the
 weight/bias gradients are accumulated in fp32 and cast to the parameter dtype in backward. The
 hidden gradient is made in the input dtype before the upstream gradient (a loss scale) is
-known: fine for bf16's range; with fp16, its smallest terms may underflow.
+known: fine for bf16's range; with fp16, its smallest terms may underflow. Backward scales all
+three in fp32 by the fp32 upstream gradient and rounds once, so none is biased against the
+others by a rounded scale (1 / token count is rarely a bf16 value).
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             del logits  # before the next chunk's is allocated
 
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.chunk_tokens = chunk_tokens
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         valid_count = torch.tensor(valid_rows.numel(), device=labels.device)
         ctx.mark_non_differentiable(valid_count)
@@ -136,12 +139,26 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Weight and bias are scaled in the accumulation dtype before their cast, so a loss scale
         # cannot overflow fp16 there; hidden rows were each made by one matmul in their own dtype.
         if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_hidden = _scale_rows(grad_hidden, grad_loss, ctx.chunk_tokens)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.mul_(grad_loss).to(bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _scale_rows(grad: torch.Tensor, scale: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """`grad *= scale` in place, multiplied in `scale`'s dtype and rounded once to `grad`'s.
+
+    A low-precision `grad` is upcast `block_rows` rows at a time (a chunk's rows: their upcast
+    fits the chunk workspace), not whole, which would cost [N, H] in fp32.
+    """
+    if grad.dtype == scale.dtype:
+        return grad.mul_(scale)
+    for start in range(0, grad.shape[0], block_rows):
+        block = grad[start : start + block_rows]
+        block.copy_(block.to(scale.dtype).mul_(scale))
+    return grad
 
 
 def _loss_rows(
