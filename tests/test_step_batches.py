@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
-from omnilong.config import VideoTokenParams
+from omnilong.config import StageParams, VideoTokenParams
 from omnilong.data.synth.video import encode_mp4
 from omnilong.train.batches import StepBatches
 from tests.conftest import video_clip_row
@@ -64,3 +66,76 @@ def test_the_micro_batch_size_follows_the_schedule(rows_and_config):
     assert [steps[step].micro_batches[0].input_ids.shape[0] for step in range(3)] == [3, 1, 1]
     # Step 0 took each row once: an epoch's order, not one row repeated.
     assert sorted(int(first) for first in steps[0].micro_batches[0].input_ids[:, 0]) == [20, 21, 22]
+
+
+def _text_rows(seq_len: int, num_rows: int) -> list[dict]:
+    """Rows that say which length's dataset and which row they are: input_ids = [seq_len, row]."""
+    return [{"input_ids": torch.tensor([seq_len, row]), "labels": torch.tensor([row, row]),
+             "position_ids": torch.arange(2), "doc_lens": torch.tensor([2])} for row in range(num_rows)]
+
+
+def _random_run(rng: random.Random) -> tuple[StageParams, int, int, dict[int, int]]:
+    """A stage with a random context schedule (lengths repeat and return), its step count, the
+    data-parallel size, and a dataset size per length no smaller than one step's rows there."""
+    sp_size, dp_size = rng.choice([1, 2]), rng.choice([1, 2, 3])
+    lengths = [64, 128, 256]
+    num_phases = rng.randint(1, 5)
+    from_steps = [0, *sorted(rng.sample(range(1, 25), num_phases - 1))]
+    schedule = [{"from_step": from_step, "seq_len": rng.choice(lengths), "micro_batch_size": rng.choice([None, 1, 2, 3])}
+                for from_step in from_steps]
+    stage = StageParams(seq_len=schedule[-1]["seq_len"], sp_size=sp_size, context_schedule=schedule,
+                        train={"micro_batch_size": rng.randint(1, 3), "grad_accum_steps": rng.randint(1, 3)})
+    num_steps = rng.randint(1, 30)
+    step_rows = {length: 1 for length in stage.packed_lengths}
+    for step in range(max(num_steps, from_steps[-1] + 1)):
+        length = stage.seq_len_at(step)
+        rows = stage.micro_batch_size_at(step) * stage.train.grad_accum_steps * dp_size
+        step_rows[length] = max(step_rows[length], rows)
+    sizes = {length: rng.randint(rows, 3 * rows + 4) for length, rows in step_rows.items()}
+    return stage, num_steps, dp_size, sizes
+
+
+def _rank_rows(stage: StageParams, num_steps: int, dp_size: int, sizes: dict[int, int], dp_rank: int,
+               sp_rank: int, first_step: int = 0) -> list[list[int]]:
+    """Rows (as [seq_len, row] pairs flattened per step) one rank reads at each step from `first_step`."""
+    steps = StepBatches({length: _text_rows(length, size) for length, size in sizes.items()}, stage.seq_len_at,
+                        stage.micro_batch_size_at, num_steps=num_steps, grad_accum_steps=stage.train.grad_accum_steps,
+                        dp_rank=dp_rank, dp_size=dp_size, sp_rank=sp_rank, sp_size=stage.sp_size, seed=7,
+                        family="qwen2_5_vl", model_config=None, video_params=VideoTokenParams())
+    read = []
+    for step in range(first_step, num_steps):
+        batches = steps[step].micro_batches
+        assert all(batch.input_ids.shape[0] == stage.micro_batch_size_at(step) for batch in batches)
+        assert all(int(length) == stage.seq_len_at(step) for batch in batches for length in batch.input_ids[:, 0])
+        read.append([int(row) for batch in batches for row in batch.input_ids[:, 1]])
+    return read
+
+
+def test_under_any_context_schedule_each_epoch_reads_every_row_once_and_resumes_alike():
+    rng = random.Random(0)
+    for case in range(250):
+        stage, num_steps, dp_size, sizes = _random_run(rng)
+        described = f"case {case}: {stage.context_schedule}, {num_steps} steps, dp {dp_size}, sizes {sizes}"
+        ranks = {(dp, sp): _rank_rows(stage, num_steps, dp_size, sizes, dp, sp)
+                 for dp in range(dp_size) for sp in range(stage.sp_size)}
+        for (dp, sp), read in ranks.items():
+            assert read == ranks[dp, 0], f"{described}: sp rank {sp} of dp group {dp} read other rows"
+        # Cut each length's reads into epochs where a row comes back; every cut must leave fewer
+        # unread rows than the step that no longer fitted (drop-last), and no row may repeat.
+        epoch_rows: dict[int, set[int]] = {length: set() for length in sizes}
+        for step in range(num_steps):
+            length = stage.seq_len_at(step)
+            rows = [row for dp in range(dp_size) for row in ranks[dp, 0][step]]
+            assert len(set(rows)) == len(rows), f"{described}: step {step} reads a row twice: {rows}"
+            seen = epoch_rows[length]
+            if seen & set(rows):
+                unread = sizes[length] - len(seen)
+                assert unread < len(rows), (
+                    f"{described}: step {step} starts a new epoch of length {length} with {unread} rows "
+                    f"of the last one unread, enough for the step's {len(rows)}")
+                seen.clear()
+            seen.update(rows)
+        resume_at = rng.randrange(num_steps)
+        dp, sp = rng.randrange(dp_size), rng.randrange(stage.sp_size)
+        resumed = _rank_rows(stage, num_steps, dp_size, sizes, dp, sp, first_step=resume_at)
+        assert resumed == ranks[dp, sp][resume_at:], f"{described}: resumed at step {resume_at}, read other rows"
