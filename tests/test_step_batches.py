@@ -1,4 +1,5 @@
-"""The data loader's step dataset: rows with a video that no longer opens are skipped and counted."""
+"""The data loader's step dataset: the rows each rank reads under a context schedule, and what takes
+the place of a row whose video no longer opens."""
 
 from __future__ import annotations
 
@@ -35,18 +36,49 @@ def _steps(rows, config, sp_rank: int = 0, sp_size: int = 1, micro_batch_size_at
                        sp_size=sp_size, seed=0, family="qwen2_5_vl", model_config=config, video_params=VideoTokenParams())
 
 
-def test_a_row_whose_video_no_longer_opens_is_skipped_and_reported(rows_and_config):
-    rows, config, directory = rows_and_config
+def _with_broken_video(row: dict, broken) -> dict:
+    return {**row, "videos": [row["videos"][0].model_copy(update={"path": str(broken)})]}
+
+
+def test_a_row_whose_video_no_longer_opens_gives_its_place_to_an_unread_row_or_to_no_labels(rows_and_config):
+    _, config, directory = rows_and_config
     broken = directory / "broken.mp4"
     broken.write_bytes(b"not a video" * 100)
-    bad_row = {**rows[1], "videos": [rows[1]["videos"][0].model_copy(update={"path": str(broken)})]}
-    data = _steps([rows[0], bad_row, rows[2]], config)[0]
-    assert len(data.skipped) == 1 and str(broken) in data.skipped[0]
-    # The next row in the epoch's order took its place: every micro-batch holds a readable row.
-    for batch in data.micro_batches:
-        assert batch.input_ids[0, 0] in (20, 22)
-    clean = _steps(rows, config)[0]
-    assert clean.skipped == []
+    # Five rows, a step of four (two data-parallel groups of two sequence-parallel ranks, two
+    # micro-batches each): one row of the epoch is left unread. Row i starts with token 30 + i.
+    five = [video_clip_row(directory / f"video{i % 3}.mp4", "qwen2_5_vl", config, 8, [30 + i, 21], [22, 23])
+            for i in range(5)]
+
+    def read(dataset):
+        steps = {(dp, sp): StepBatches({64: dataset}, lambda step: 64, lambda step: 1, num_steps=1, grad_accum_steps=2,
+                                       dp_rank=dp, dp_size=2, sp_rank=sp, sp_size=2, seed=0, family="qwen2_5_vl",
+                                       model_config=config, video_params=VideoTokenParams())[0]
+                 for dp in range(2) for sp in range(2)}
+        for dp in range(2):
+            for ours, theirs in zip(steps[dp, 0].micro_batches, steps[dp, 1].micro_batches, strict=True):
+                assert torch.equal(ours.input_ids, theirs.input_ids) and torch.equal(ours.labels, theirs.labels)
+            assert steps[dp, 0].skipped == steps[dp, 1].skipped
+        return {dp: steps[dp, 0] for dp in range(2)}
+
+    clean = read(five)
+    assert all(data.skipped == [] for data in clean.values())
+    clean_rows = {dp: [int(batch.input_ids[0, 0]) - 30 for batch in data.micro_batches] for dp, data in clean.items()}
+    [unread] = set(range(5)) - {row for rows in clean_rows.values() for row in rows}
+    # Break the first row of each data-parallel group: one unread row for two broken ones.
+    broken_rows = {clean_rows[0][0], clean_rows[1][0]}
+    data = read([_with_broken_video(row, broken) if i in broken_rows else row for i, row in enumerate(five)])
+
+    assert sum(len(step.skipped) for step in data.values()) == 2
+    assert all(str(broken) in reason for step in data.values() for reason in step.skipped)
+    trained, ignored = [], 0
+    for step in data.values():
+        for batch in step.micro_batches:
+            if (batch.labels == -100).all():
+                ignored += 1
+            else:
+                trained.append(int(batch.input_ids[0, 0]) - 30)
+    assert ignored == 1, "one broken row found no unread row left: its slot runs with every label ignored"
+    assert sorted(trained) == sorted({unread, *(row for rows in clean_rows.values() for row in rows)} - broken_rows)
 
 
 def test_each_sequence_parallel_rank_decodes_only_its_share_of_the_frames(rows_and_config):
@@ -81,8 +113,10 @@ def _random_run(rng: random.Random) -> tuple[StageParams, int, int, dict[int, in
     lengths = [64, 128, 256]
     num_phases = rng.randint(1, 5)
     from_steps = [0, *sorted(rng.sample(range(1, 25), num_phases - 1))]
-    schedule = [{"from_step": from_step, "seq_len": rng.choice(lengths), "micro_batch_size": rng.choice([None, 1, 2, 3])}
-                for from_step in from_steps]
+    schedule = [
+        {"from_step": from_step, "seq_len": rng.choice(lengths), "micro_batch_size": rng.choice([None, 1, 2, 3])}
+        for from_step in from_steps
+    ]
     stage = StageParams(seq_len=schedule[-1]["seq_len"], sp_size=sp_size, context_schedule=schedule,
                         train={"micro_batch_size": rng.randint(1, 3), "grad_accum_steps": rng.randint(1, 3)})
     num_steps = rng.randint(1, 30)

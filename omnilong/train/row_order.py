@@ -8,8 +8,9 @@ length's epoch. A step reads consecutive rows of its length's order, the data-pa
 side by side (every rank of a sequence-parallel group reads its group's rows).
 
 Drop-last: when fewer rows are left in an epoch than a step reads, the step starts the next
-epoch and those rows (the epoch's unread remainder) are read by no rank. A step that reads more rows than the
-dataset has reads whole epochs and carries on into the next.
+epoch and those rows (the epoch's unread remainder) are read by no rank; they take the places
+of rows whose videos cannot be read (`RowOrder.replacement`). A step that reads more rows than
+the dataset has reads whole epochs and carries on into the next.
 
 The order is a pure function of the seed and the schedule, so a run resumed at step s reads
 exactly the rows an uninterrupted run would have, without saving sampler state.
@@ -18,6 +19,7 @@ exactly the rows an uninterrupted run would have, without saving sampler state.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -40,8 +42,7 @@ class RowOrder:
         self, num_rows: dict[int, int], seq_len_at: Callable[[int], int], micro_batch_size_at: Callable[[int], int],
         *, num_steps: int, grad_accum_steps: int, dp_size: int, seed: int,
     ):
-        self.num_rows, self.micro_batch_size_at, self.seed = num_rows, micro_batch_size_at, seed
-        self.grad_accum_steps, self.dp_size = grad_accum_steps, dp_size
+        self.num_rows, self.micro_batch_size_at, self.dp_size, self.seed = num_rows, micro_batch_size_at, dp_size, seed
         self._first_position: list[int] = []
         """Per step: the position of its first row in its length's order."""
         self._read_end: dict[tuple[int, int], int] = {}
@@ -67,3 +68,21 @@ class RowOrder:
     def row_at(self, seq_len: int, position: int) -> int:
         epoch, offset = divmod(position, self.num_rows[seq_len])
         return int(epoch_order(self.seed, self.num_rows[seq_len], epoch)[offset])
+
+    def replacement(self, seq_len: int, position: int, readable: Callable[[int], bool]) -> int | None:
+        """A row of the epoch's unread remainder for the unreadable row at `position`; None when none is left.
+
+        The epoch's unreadable rows take its readable unread rows in the epoch's order, so that
+        no two take the same one and every rank agrees without a word between them.
+        """
+        epoch, offset = divmod(position, self.num_rows[seq_len])
+        order = epoch_order(self.seed, self.num_rows[seq_len], epoch)
+        unreadable_before = sum(not readable(int(row)) for row in order[:offset])
+        unread = (int(row) for row in order[self._read_end[seq_len, epoch]:] if readable(int(row)))
+        return next(itertools.islice(unread, unreadable_before, None), None)
+
+    def stand_in(self, seq_len: int, position: int, readable: Callable[[int], bool]) -> int | None:
+        """The first readable row after `position` in its epoch's order (wrapping round); None if none is."""
+        epoch, offset = divmod(position, self.num_rows[seq_len])
+        order = epoch_order(self.seed, self.num_rows[seq_len], epoch)
+        return next((int(row) for row in np.roll(order, -offset - 1) if readable(int(row))), None)
