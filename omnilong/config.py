@@ -8,6 +8,7 @@ what was expected and what was given; the CLI maps it to exit code 2.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -287,7 +288,9 @@ class StageParams(_Params):
     """Row length of the packed data; the longest context of the stage."""
     context_schedule: list[ContextStep] = []
     """Progressive context growth (e.g. 64K -> 128K -> 256K -> 512K); empty: `seq_len` throughout.
-    The data is packed once per scheduled length; the last entry's seq_len must equal `seq_len`."""
+    `from_step` strictly increasing from 0. The data is packed once per scheduled length; the last
+    entry's seq_len must equal `seq_len`. A length may come back: its rows continue in the order
+    where its last phase stopped (omnilong/train/row_order.py)."""
     sp_size: PositiveInt = 1
     """Sequence-parallel group size: ranks that share one sequence."""
     video_frames: FrameSampling | None = None
@@ -306,9 +309,13 @@ class StageParams(_Params):
             )
         if not self.context_schedule:
             return self
-        steps = [entry.from_step for entry in self.context_schedule]
-        if steps[0] != 0 or steps != sorted(set(steps)):
-            raise _FieldError("context_schedule", "from_step values increasing from 0", steps)
+        if self.context_schedule[0].from_step != 0:
+            raise _FieldError("context_schedule.0.from_step", "0 (the schedule covers every step)",
+                              self.context_schedule[0].from_step)
+        for i, (before, entry) in enumerate(itertools.pairwise(self.context_schedule), start=1):
+            if entry.from_step <= before.from_step:
+                raise _FieldError(f"context_schedule.{i}.from_step",
+                                  f"more than the previous entry's from_step ({before.from_step})", entry.from_step)
         for i, entry in enumerate(self.context_schedule):
             if entry.seq_len % (2 * self.sp_size):
                 raise _FieldError(

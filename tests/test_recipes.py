@@ -56,8 +56,10 @@ def test_context_schedule_micro_batch_sizes():
 
 
 @pytest.mark.parametrize(("schedule", "key"), [
-    ([{"from_step": 5, "seq_len": 256}, {"from_step": 9, "seq_len": 1024}], "context_schedule"),
-    ([{"from_step": 0, "seq_len": 256}, {"from_step": 0, "seq_len": 1024}], "context_schedule"),
+    ([{"from_step": 5, "seq_len": 256}, {"from_step": 9, "seq_len": 1024}], "context_schedule.0.from_step"),
+    ([{"from_step": 0, "seq_len": 256}, {"from_step": 0, "seq_len": 1024}], "context_schedule.1.from_step"),
+    ([{"from_step": 0, "seq_len": 256}, {"from_step": 6, "seq_len": 512}, {"from_step": 4, "seq_len": 1024}],
+     "context_schedule.2.from_step"),
     ([{"from_step": 0, "seq_len": 256}, {"from_step": 4, "seq_len": 512}], "context_schedule"),
     ([{"from_step": 0, "seq_len": 258}, {"from_step": 4, "seq_len": 1024}], "context_schedule.0.seq_len"),
 ])

@@ -5,15 +5,13 @@ on the full sequence and before any sequence-parallel sharding, so every rank's 
 target of each of its positions: shifted[i] = label[i + 1]. The packer masks the first token
 of every document, so no position learns to predict across a document boundary.
 
-The row order is a pure function of (seed, epoch): a run resumed at step s reads exactly the
-rows an uninterrupted run would have, without saving sampler state.
+Which rows a rank reads at a step: omnilong/train/row_order.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from omnilong.config import Family, VideoTokenParams
@@ -21,6 +19,7 @@ from omnilong.data.shards import VideoClip
 from omnilong.data.video_frames import VideoReadError, read_frames, video_info
 from omnilong.models.video_inputs import VideoSpan, frame_size, preprocess_video, video_span
 from omnilong.parallel.vision import FrameSplit, split_frames
+from omnilong.train.row_order import RowOrder
 
 IGNORE_INDEX = -100
 
@@ -52,21 +51,6 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
     return shifted
-
-
-def rows_for_step(
-    num_rows: int, *, step: int, micro: int, micro_batch_size: int, grad_accum_steps: int,
-    dp_rank: int, dp_size: int, seed: int,
-) -> list[int]:
-    """Row indices of one micro-batch: disjoint across data-parallel ranks, reshuffled every epoch."""
-    rows_per_step = micro_batch_size * grad_accum_steps * dp_size
-    first = step * rows_per_step + (micro * dp_size + dp_rank) * micro_batch_size
-    picks = []
-    for position in range(first, first + micro_batch_size):
-        epoch, offset = divmod(position, num_rows)
-        order = np.random.default_rng([seed, epoch]).permutation(num_rows)
-        picks.append(int(order[offset]))
-    return picks
 
 
 def clip_span(clip: VideoClip, family: Family, model_config, video_params: VideoTokenParams) -> VideoSpan:
@@ -134,10 +118,12 @@ class StepBatches(torch.utils.data.Dataset):
 
     Run in DataLoader workers, so videos decode while the previous step trains; each rank of a
     sequence-parallel group decodes only the frames it encodes. A row with a video that cannot
-    be opened is skipped (with its reason, for the step log) and the next row in the epoch's
-    order takes its place; every rank of the group runs the same check on the same rows, so
-    they skip alike. A frame that fails to decode after the video opened raises: the ranks
-    decode different frames and could not agree on a skip.
+    be opened is skipped (with its reason, for the step log) and a row that no rank reads in
+    this epoch takes its place (`RowOrder.replacement`); when none is left, a readable row with
+    every label ignored does, so the micro-batch still runs and the collectives stay in step.
+    Every rank of the group runs the same checks on the same rows, so they choose alike. A frame
+    that fails to decode after the video opened raises: the ranks decode different frames and
+    could not agree on a skip.
     """
 
     def __init__(
@@ -146,39 +132,62 @@ class StepBatches(torch.utils.data.Dataset):
         seed: int, family: Family, model_config, video_params: VideoTokenParams,
     ):
         self.datasets, self.seq_len_at, self.num_steps = datasets, seq_len_at, num_steps
-        self.micro_batch_size_at, self.grad_accum_steps = micro_batch_size_at, grad_accum_steps
-        self.dp_rank, self.dp_size, self.sp_rank, self.sp_size = dp_rank, dp_size, sp_rank, sp_size
-        self.seed, self.family, self.model_config, self.video_params = seed, family, model_config, video_params
+        self.grad_accum_steps, self.dp_rank, self.sp_rank, self.sp_size = grad_accum_steps, dp_rank, sp_rank, sp_size
+        self.family, self.model_config, self.video_params = family, model_config, video_params
+        self.order = RowOrder(
+            {seq_len: len(dataset) for seq_len, dataset in datasets.items()}, seq_len_at, micro_batch_size_at,
+            num_steps=num_steps, grad_accum_steps=grad_accum_steps, dp_size=dp_size, seed=seed,
+        )
+        self._video_errors: dict[tuple[int, int], str | None] = {}
+        """(seq_len, row) -> why a video of the row does not open (None: all open). Kept: finding a
+        replacement looks at every row read before it in the epoch."""
 
     def __len__(self) -> int:
         return self.num_steps
 
     def __getitem__(self, step: int) -> StepData:
-        dataset = self.datasets[self.seq_len_at(step)]
+        seq_len = self.seq_len_at(step)
         skipped: list[str] = []
         batches = []
         for micro in range(self.grad_accum_steps):
             rows = [
-                self._openable_row(dataset, row, skipped)
-                for row in rows_for_step(
-                    len(dataset), step=step, micro=micro, micro_batch_size=self.micro_batch_size_at(step),
-                    grad_accum_steps=self.grad_accum_steps, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                    seed=self.seed,
-                )
+                self._readable_row(seq_len, position, skipped)
+                for position in self.order.positions(step, micro, self.dp_rank)
             ]
             batches.append(collate(rows, family=self.family, model_config=self.model_config,
                                    video_params=self.video_params, sp_rank=self.sp_rank, sp_size=self.sp_size))
         return StepData(batches, skipped)
 
-    @staticmethod
-    def _openable_row(dataset, row: int, skipped: list[str]) -> dict:
-        for attempt in range(len(dataset)):
-            candidate = dataset[(row + attempt) % len(dataset)]
-            try:
-                for clip in candidate.get("videos") or []:
+    def _video_error(self, seq_len: int, row: int, item: dict | None = None) -> str | None:
+        if (seq_len, row) not in self._video_errors:
+            item = self.datasets[seq_len][row] if item is None else item
+            self._video_errors[seq_len, row] = None
+            for clip in item.get("videos") or []:
+                try:
                     video_info(clip.path)
-            except VideoReadError as exc:
-                skipped.append(str(exc))
-                continue
-            return candidate
-        raise VideoReadError(f"no row of the dataset has videos that open; last error: {skipped[-1]}")
+                except VideoReadError as exc:
+                    self._video_errors[seq_len, row] = str(exc)
+                    break
+        return self._video_errors[seq_len, row]
+
+    def _readable_row(self, seq_len: int, position: int, skipped: list[str]) -> dict:
+        dataset, row = self.datasets[seq_len], self.order.row_at(seq_len, position)
+        item = dataset[row]
+        error = self._video_error(seq_len, row, item)
+        if error is None:
+            return item
+
+        def readable(other: int) -> bool:
+            return self._video_error(seq_len, other) is None
+
+        replacement = self.order.replacement(seq_len, position, readable)
+        if replacement is not None:
+            skipped.append(f"{error} (row {row}; row {replacement}, read by no rank in this epoch, takes its place)")
+            return dataset[replacement]
+        stand_in = self.order.stand_in(seq_len, position, readable)
+        if stand_in is None:
+            raise VideoReadError(f"no row of the {seq_len}-token data has videos that open; one error: {error}")
+        skipped.append(f"{error} (row {row}; no unread row is left in this epoch: row {stand_in} runs in its "
+                       f"place with every label ignored)")
+        item = dataset[stand_in]
+        return {**item, "labels": torch.full_like(item["labels"], IGNORE_INDEX)}

@@ -1,0 +1,88 @@
+"""Which packed row each rank reads at each optimizer step, under a context schedule.
+
+Each row length has its own dataset and its own order: epoch after epoch, each a permutation of
+that dataset seeded by (seed, epoch). The steps that train at a length read its order onward
+from where the length's previous step stopped, whatever phases ran between; so a phase starts
+at the head of its length's order, and a phase that returns to an earlier length continues that
+length's epoch. A step reads consecutive rows of its length's order, the data-parallel ranks
+side by side (every rank of a sequence-parallel group reads its group's rows).
+
+Drop-last: when fewer rows are left in an epoch than a step reads, the step starts the next
+epoch and those rows (the epoch's unread remainder) are read by no rank; they take the places
+of rows whose videos cannot be read (`RowOrder.replacement`). A step that reads more rows than
+the dataset has reads whole epochs and carries on into the next.
+
+The order is a pure function of the seed and the schedule, so a run resumed at step s reads
+exactly the rows an uninterrupted run would have, without saving sampler state.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=8)
+def epoch_order(seed: int, num_rows: int, epoch: int) -> np.ndarray:
+    """[num_rows]: the rows of one epoch, in the order they are read."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+class RowOrder:
+    """The rows of every step of a run: `row_at(seq_len, position)` for each of `positions(...)`.
+
+    A position counts the rows read from one length's order, over its epochs: `epoch, offset =
+    divmod(position, num_rows)`.
+    """
+
+    def __init__(
+        self, num_rows: dict[int, int], seq_len_at: Callable[[int], int], micro_batch_size_at: Callable[[int], int],
+        *, num_steps: int, grad_accum_steps: int, dp_size: int, seed: int,
+    ):
+        self.num_rows, self.micro_batch_size_at, self.dp_size, self.seed = num_rows, micro_batch_size_at, dp_size, seed
+        self._first_position: list[int] = []
+        """Per step: the position of its first row in its length's order."""
+        self._read_end: dict[tuple[int, int], int] = {}
+        """(seq_len, epoch) -> the offset where the run stops reading that epoch."""
+        read = dict.fromkeys(num_rows, 0)  # per length: rows of its order read (or passed over) so far
+        for step in range(num_steps):
+            seq_len = seq_len_at(step)
+            size, offset = num_rows[seq_len], read[seq_len] % num_rows[seq_len]
+            step_rows = micro_batch_size_at(step) * grad_accum_steps * dp_size
+            if offset and offset + step_rows > size:
+                read[seq_len] += size - offset
+            self._first_position.append(read[seq_len])
+            read[seq_len] += step_rows
+            for epoch in range(self._first_position[-1] // size, (read[seq_len] - 1) // size + 1):
+                self._read_end[seq_len, epoch] = min(size, read[seq_len] - epoch * size)
+
+    def positions(self, step: int, micro: int, dp_rank: int) -> range:
+        """Positions of the rows of micro-batch `micro` of data-parallel rank `dp_rank` at `step`."""
+        micro_batch_size = self.micro_batch_size_at(step)
+        first = self._first_position[step] + (micro * self.dp_size + dp_rank) * micro_batch_size
+        return range(first, first + micro_batch_size)
+
+    def row_at(self, seq_len: int, position: int) -> int:
+        epoch, offset = divmod(position, self.num_rows[seq_len])
+        return int(epoch_order(self.seed, self.num_rows[seq_len], epoch)[offset])
+
+    def replacement(self, seq_len: int, position: int, readable: Callable[[int], bool]) -> int | None:
+        """A row of the epoch's unread remainder for the unreadable row at `position`; None when none is left.
+
+        The epoch's unreadable rows take its readable unread rows in the epoch's order, so that
+        no two take the same one and every rank agrees without a word between them.
+        """
+        epoch, offset = divmod(position, self.num_rows[seq_len])
+        order = epoch_order(self.seed, self.num_rows[seq_len], epoch)
+        unreadable_before = sum(not readable(int(row)) for row in order[:offset])
+        unread = (int(row) for row in order[self._read_end[seq_len, epoch]:] if readable(int(row)))
+        return next(itertools.islice(unread, unreadable_before, None), None)
+
+    def stand_in(self, seq_len: int, position: int, readable: Callable[[int], bool]) -> int | None:
+        """The first readable row after `position` in its epoch's order (wrapping round); None if none is."""
+        epoch, offset = divmod(position, self.num_rows[seq_len])
+        order = epoch_order(self.seed, self.num_rows[seq_len], epoch)
+        return next((int(row) for row in np.roll(order, -offset - 1) if readable(int(row))), None)
