@@ -9,7 +9,8 @@ run), one JSON line per part on stdout and in DIR/gpu_suite.jsonl, then a summar
   and bf16 on packed documents with grouped K/V heads, at P = 1 and the block plans of P = 2
   and 4 replayed in one process (benchmarks/ring_replay.py); then time and peak memory of one
   forward+backward against SDPA's flash kernel (`sdpa`) and SDPA's own choice (`sdpa_any`: cuDNN
-  on Hopper when it takes the shapes) on one causal document, 8K-128K tokens;
+  on Hopper when it takes the shapes) on one causal document, 8K-128K tokens, and on a packed
+  row of 64 documents (SDPA once per document);
 - `kernel_probe`: the variable-length flash and the cuDNN kernels on packed documents (CUDA);
 - `chunked_loss`: our chunked loss at Qwen2.5-7B's head (H 3,584, V 152,064) in bf16 against the
   full-logits loss transformers computes (and Liger's and Cut Cross-Entropy's fused losses when
@@ -18,7 +19,7 @@ run), one JSON line per part on stdout and in DIR/gpu_suite.jsonl, then a summar
   off) training the bundle's tiny model on its packed rows (make gpu-bundle);
 - `training_step`: a Qwen2.5-7B-shaped language model cut to a few layers, LoRA, bf16, built on
   the GPU, one training step through our path (ring attention at P = 1, chunked loss,
-  activation checkpointing) at 32K-64K tokens: tokens/s, MFU and peak memory per length.
+  activation checkpointing) at 32K-128K tokens: tokens/s, MFU and peak memory per length.
 
 MFU counts 6N FLOPs per token for trained weights and 4N for frozen ones (N: the decoder
 layers' and the LM head's matmul weights; LoRA's own weights are trained), plus causal attention
@@ -62,6 +63,7 @@ class Sizes:
     attn_doc_lens: tuple[int, ...]
     attn_replay_len: int
     attn_time_lens: tuple[int, ...]
+    attn_packed_case: tuple[int, int]  # a packed row's length and its number of equal documents
     loss_hidden_vocab: tuple[int, int]
     loss_lens: tuple[int, ...]
     model_shapes: dict
@@ -76,13 +78,14 @@ GPU_SIZES = Sizes(
     attn_doc_lens=(4096, 2048, 1024, 512, 300),
     attn_replay_len=8192,
     attn_time_lens=(8192, 32768, 131072),
+    attn_packed_case=(32768, 64),
     loss_hidden_vocab=(3584, 152064),
     loss_lens=(16384, 32768, 65536, 131072),
     # Qwen2.5-7B's language model
     model_shapes={"hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
                   "intermediate_size": 18944, "vocab_size": 152064},
     model_layers=4,
-    model_lens=(32768, 65536),
+    model_lens=(32768, 65536, 131072),
 )
 QUICK_SIZES = Sizes(
     matmul_n=256,
@@ -91,6 +94,7 @@ QUICK_SIZES = Sizes(
     attn_doc_lens=(128, 64, 40),
     attn_replay_len=256,
     attn_time_lens=(256, 512),
+    attn_packed_case=(512, 8),
     loss_hidden_vocab=(64, 1000),
     loss_lens=(256, 512),
     model_shapes={"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -236,19 +240,24 @@ def part_ring_attention(ctx: Context) -> dict:
 
 
 def _ring_timings(ctx: Context, inputs, scale: float) -> list[dict]:
-    """One causal document: ring (P = 1) vs SDPA's own dispatch (flash on CUDA), forward + backward."""
+    """Ring (P = 1) against SDPA, forward + backward: one causal document of each length (SDPA's
+    flash kernel, and SDPA's own choice), then a packed row of equal documents (SDPA called once
+    per document, as a packed row needs without a variable-length kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from omnilong.parallel.documents import DocumentLayout
     from omnilong.parallel.ring_attention_torch import torch_ring_attention
     from omnilong.parallel.zigzag import SequenceLayout
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    cases = [(seq_len, 1) for seq_len in ctx.sizes.attn_time_lens] + [ctx.sizes.attn_packed_case]
     rows = []
-    for seq_len in ctx.sizes.attn_time_lens:
-        row = {"seq_len": seq_len, "dtype": str(dtype).removeprefix("torch.")}
+    for seq_len, num_docs in cases:
+        row = {"seq_len": seq_len, "documents": num_docs, "dtype": str(dtype).removeprefix("torch.")}
         q, k, v, dout = inputs(seq_len, dtype)
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        documents = DocumentLayout(SequenceLayout(seq_len, 1), 0, [[seq_len]])
+        doc_len = seq_len // num_docs
+        documents = DocumentLayout(SequenceLayout(seq_len, 1), 0, [[doc_len] * num_docs])
 
         def ours():
             torch.autograd.backward(torch_ring_attention(q, k, v, documents, None, scale), dout)
@@ -256,8 +265,10 @@ def _ring_timings(ctx: Context, inputs, scale: float) -> list[dict]:
         def sdpa(backends):
             def call():
                 with sdpa_kernel(backends):
-                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-                torch.autograd.backward(out, dout)
+                    outs = [F.scaled_dot_product_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece],
+                                                           is_causal=True, scale=scale, enable_gqa=True)
+                            for piece in (slice(i * doc_len, (i + 1) * doc_len) for i in range(num_docs))]
+                torch.autograd.backward(outs, [dout[:, :, i * doc_len:(i + 1) * doc_len] for i in range(num_docs)])
             return call
 
         variants = (("ours", ours), ("sdpa", sdpa([SDPBackend.FLASH_ATTENTION])),
@@ -266,8 +277,8 @@ def _ring_timings(ctx: Context, inputs, scale: float) -> list[dict]:
             try:
                 seconds, peak = _timed(fn, ctx.device)
                 row[f"{name}_seconds"], row[f"{name}_peak_mib"] = seconds, peak / 2**20
-                # causal fwd+bwd: 4 * S^2/2 * D * H (fwd) * 2.5 (bwd ~ 2x fwd + fwd)
-                row[f"{name}_tflops"] = 3.5 * 2 * seq_len**2 * q.shape[-1] * q.shape[1] / seconds / 1e12
+                # causal forward 2 * 2 * (S^2 / 2) * D * H per document, backward 2.5x that
+                row[f"{name}_tflops"] = 3.5 * 2 * doc_len**2 * num_docs * q.shape[-1] * q.shape[1] / seconds / 1e12
             except Exception as exc:  # noqa: BLE001  (an OOM or a kernel refusal is a figure too)
                 row[f"{name}_error"] = "oom" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
             q.grad = k.grad = v.grad = None
@@ -277,7 +288,7 @@ def _ring_timings(ctx: Context, inputs, scale: float) -> list[dict]:
                 row[f"time_ratio_ours_over_{baseline}"] = row["ours_seconds"] / row[f"{baseline}_seconds"]
                 row[f"memory_ratio_ours_over_{baseline}"] = row["ours_peak_mib"] / max(row[f"{baseline}_peak_mib"], 1e-9)
         rows.append(row)
-        q = k = v = dout = None  # freed before the next length's inputs
+        q = k = v = dout = None  # freed before the next case's inputs
         _release(ctx.device)
     return rows
 

@@ -4,11 +4,13 @@ Ring attention computes softmax(q k^T * scale) v block by block and merges the b
 log-sum-exp, so it needs kernels that return it and whose backward accepts the *merged* output
 and log-sum-exp (the flash backward recomputes each block's probabilities from them). These are
 ATen's private SDPA ops:
-- CPU: the flash kernel (GQA native); the reference the tests hold every other path to.
+- CPU: the flash kernel (GQA native), one call per document; the reference the tests hold every
+  other path to.
 - CUDA, fp16/bf16 with a head dim the flash kernel takes: the flash kernel (FlashAttention-2),
-  which reads grouped K/V heads as they are (no repeated copy) and sums their gradients itself.
-- CUDA otherwise (fp32, odd head dims): the memory-efficient kernel, K/V heads repeated for it
-  and their gradients summed back.
+  which reads grouped K/V heads as they are (no repeated copy) and sums their gradients itself;
+  the documents of a diagonal block go to its variable-length form in one call.
+- CUDA otherwise (fp32, odd head dims): the memory-efficient kernel, one call per document, K/V
+  heads repeated for it and their gradients summed back.
 `cuda_kernel` names the choice; benchmarks/gpu_suite.py checks both against SDPA on a GPU.
 """
 
@@ -37,21 +39,28 @@ def cuda_kernel(dtype: torch.dtype, head_dim: int) -> str:
 
 
 def attention_forward(
-    q_BHQD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, *, causal: bool, scale: float
+    q_BHQD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, *, segments: tuple[int, ...] | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, H, Q, D], lse [B, H, Q] in `accumulator_dtype`); causal is top-left aligned (Q = S)."""
-    if q_BHQD.device.type == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu(q_BHQD, k_BKSD, v_BKSD, 0.0, causal, scale=scale)
-    if q_BHQD.device.type == "cuda":
-        if cuda_kernel(q_BHQD.dtype, q_BHQD.shape[-1]) == "flash":
-            out, lse, *_ = aten._scaled_dot_product_flash_attention(q_BHQD, k_BKSD, v_BKSD, 0.0, causal, scale=scale)
-            return out, lse
-        groups = q_BHQD.shape[1] // k_BKSD.shape[1]
-        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
-            q_BHQD, _repeat_heads(k_BKSD, groups), _repeat_heads(v_BKSD, groups), None, True, 0.0, causal, scale=scale
-        )
-        return out, lse[..., : q_BHQD.shape[2]]
-    raise NotImplementedError(f"ring attention (torch backend): no attention kernel for device {q_BHQD.device}")
+    """(out [B, H, Q, D], lse [B, H, Q] in `accumulator_dtype`) of one block of the ring.
+
+    `segments` None: every query attends every key (a rectangle). A tuple: queries and keys are
+    the same tokens (Q = S), tiled by documents of these lengths, each attending causally to
+    itself alone: on CUDA in half precision one variable-length flash call for all of them,
+    elsewhere one call per document.
+    """
+    if q_BHQD.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"ring attention (torch backend): no attention kernel for device {q_BHQD.device}")
+    if segments is None or len(segments) == 1:
+        return _dense_forward(q_BHQD, k_BKSD, v_BKSD, causal=segments is not None, scale=scale)
+    if _uses_flash(q_BHQD):
+        return _varlen_forward(q_BHQD, k_BKSD, v_BKSD, segments, scale=scale)
+    batch, heads, queries, _ = q_BHQD.shape
+    out = torch.empty_like(q_BHQD)
+    lse = q_BHQD.new_empty(batch, heads, queries, dtype=accumulator_dtype(q_BHQD.dtype))
+    for piece in _pieces(segments):
+        out[:, :, piece], lse[:, :, piece] = _dense_forward(
+            q_BHQD[:, :, piece], k_BKSD[:, :, piece], v_BKSD[:, :, piece], causal=True, scale=scale)
+    return out, lse
 
 
 def attention_backward(
@@ -62,19 +71,99 @@ def attention_backward(
     out_BHQD: torch.Tensor,
     lse_BHQ: torch.Tensor,
     *,
-    causal: bool,
+    segments: tuple[int, ...] | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of one block, given the merged output and log-sum-exp of its query rows."""
+    """(dq, dk, dv) of one block (`segments` as in `attention_forward`), given the merged output
+    and log-sum-exp of its query rows."""
+    if segments is None or len(segments) == 1:
+        return _dense_backward(dout_BHQD, q_BHQD, k_BKSD, v_BKSD, out_BHQD, lse_BHQ,
+                               causal=segments is not None, scale=scale)
+    if _uses_flash(q_BHQD):
+        return _varlen_backward(dout_BHQD, q_BHQD, k_BKSD, v_BKSD, out_BHQD, lse_BHQ, segments, scale=scale)
+    dq, dk, dv = torch.empty_like(q_BHQD), torch.empty_like(k_BKSD), torch.empty_like(v_BKSD)
+    for piece in _pieces(segments):
+        dq[:, :, piece], dk[:, :, piece], dv[:, :, piece] = _dense_backward(
+            dout_BHQD[:, :, piece], q_BHQD[:, :, piece], k_BKSD[:, :, piece], v_BKSD[:, :, piece],
+            out_BHQD[:, :, piece], lse_BHQ[:, :, piece], causal=True, scale=scale)
+    return dq, dk, dv
+
+
+def _pieces(segments: tuple[int, ...]) -> list[slice]:
+    bounds = [0]
+    for length in segments:
+        bounds.append(bounds[-1] + length)
+    return [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def _uses_flash(q_BHQD: torch.Tensor) -> bool:
+    return q_BHQD.device.type == "cuda" and cuda_kernel(q_BHQD.dtype, q_BHQD.shape[-1]) == "flash"
+
+
+def _dense_forward(q_BHQD, k_BKSD, v_BKSD, *, causal: bool, scale: float):
+    """One rectangle or one causal square (top-left aligned, Q = S)."""
     if q_BHQD.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu(q_BHQD, k_BKSD, v_BKSD, 0.0, causal, scale=scale)
+    if _uses_flash(q_BHQD):
+        out, lse, *_ = aten._scaled_dot_product_flash_attention(q_BHQD, k_BKSD, v_BKSD, 0.0, causal, scale=scale)
+        return out, lse
+    groups = q_BHQD.shape[1] // k_BKSD.shape[1]
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
+        q_BHQD, _repeat_heads(k_BKSD, groups), _repeat_heads(v_BKSD, groups), None, True, 0.0, causal, scale=scale
+    )
+    return out, lse[..., : q_BHQD.shape[2]]
+
+
+def _dense_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
+    if q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout_BHQD, q_BHQD, k_BKSD, v_BKSD, out_BHQD, lse_BHQ.contiguous(), 0.0, causal, scale=scale
+            dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale
         )
-    if q_BHQD.device.type == "cuda":
-        if cuda_kernel(q_BHQD.dtype, q_BHQD.shape[-1]) == "flash":
-            return _flash_backward(dout_BHQD, q_BHQD, k_BKSD, v_BKSD, out_BHQD, lse_BHQ, causal=causal, scale=scale)
-        return _efficient_backward(dout_BHQD, q_BHQD, k_BKSD, v_BKSD, out_BHQD, lse_BHQ, causal=causal, scale=scale)
-    raise NotImplementedError(f"ring attention (torch backend): no attention kernel for device {q_BHQD.device}")
+    if _uses_flash(q):
+        return _flash_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+    return _efficient_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+
+
+def _tokens_first(x_BHQD: torch.Tensor) -> torch.Tensor:
+    """[B, H, Q, D] -> [B * Q, H, D], the variable-length kernels' layout (a view when B = 1 and
+    the tensor is a slice of transformers' [B, S, H, D] memory)."""
+    batch, heads, queries, head_dim = x_BHQD.shape
+    return x_BHQD.transpose(1, 2).reshape(batch * queries, heads, head_dim)
+
+
+def _heads_first(x_TKD: torch.Tensor, batch: int) -> torch.Tensor:
+    return x_TKD.unflatten(0, (batch, -1)).transpose(1, 2)
+
+
+def _cumulative_lengths(segments: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
+    """Start of each document in the [B * Q] token layout, then the end: every row is tiled alike."""
+    lengths = torch.tensor(segments * batch, dtype=torch.int32)
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0, dtype=torch.int32)]).to(device)
+
+
+def _varlen_forward(q_BHQD, k_BKSD, v_BKSD, segments: tuple[int, ...], *, scale: float):
+    batch = q_BHQD.shape[0]
+    bounds = _cumulative_lengths(segments, batch, q_BHQD.device)
+    longest = max(segments)
+    out_TKD, lse_HT, *_ = aten._flash_attention_forward(
+        _tokens_first(q_BHQD), _tokens_first(k_BKSD), _tokens_first(v_BKSD), bounds, bounds, longest, longest,
+        0.0, True, False, scale=scale,
+    )
+    # The variable-length kernel's log-sum-exp is [H, B * Q] (benchmarks/gpu_suite.py, kernel_probe).
+    return _heads_first(out_TKD, batch), lse_HT.unflatten(1, (batch, -1)).transpose(0, 1)
+
+
+def _varlen_backward(dout, q, k, v, out, lse_BHQ, segments: tuple[int, ...], *, scale: float):
+    batch = q.shape[0]
+    bounds = _cumulative_lengths(segments, batch, q.device)
+    longest = max(segments)
+    no_rng = torch.empty((), dtype=torch.int64, device=q.device)  # no dropout: no random state read
+    dq, dk, dv = aten._flash_attention_backward(
+        _tokens_first(dout), _tokens_first(q), _tokens_first(k), _tokens_first(v), _tokens_first(out),
+        lse_BHQ.transpose(0, 1).reshape(lse_BHQ.shape[1], -1).contiguous(), bounds, bounds, longest, longest,
+        0.0, True, no_rng, no_rng, scale=scale,
+    )
+    return _heads_first(dq, batch), _heads_first(dk, batch), _heads_first(dv, batch)
 
 
 def _flash_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):

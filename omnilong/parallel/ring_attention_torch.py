@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from omnilong.parallel.documents import DocumentLayout, KernelCall
+from omnilong.parallel.documents import DocumentLayout
 from omnilong.parallel.lse_kernels import accumulator_dtype, attention_backward, attention_forward
 from omnilong.parallel.ring_comm import (
     GRAD_KV_TAG,
@@ -75,10 +75,10 @@ def _ring_forward(q, k, v, documents: DocumentLayout, link: RingLink, scale: flo
     out = q.new_zeros(batch, local_len, heads, head_dim, dtype=acc_dtype).transpose(1, 2)
     lse = q.new_full((batch, heads, local_len), float("-inf"), dtype=acc_dtype)
     for chunk in stream_kv_chunks(k, v, link):
-        for rows, q_rows, k_cols, call in _block_calls(chunk, documents):
+        for rows, q_rows, k_cols, segments in _block_calls(chunk, documents):
             block_out, block_lse = attention_forward(
                 q[rows, :, q_rows], chunk.key[rows, :, k_cols], chunk.value[rows, :, k_cols],
-                causal=call.causal, scale=scale,
+                segments=segments, scale=scale,
             )
             merge_partial(out[rows, :, q_rows], lse[rows, :, q_rows], block_out, block_lse)
             del block_out, block_lse  # before the next call allocates its own: one block at a time
@@ -100,10 +100,10 @@ def _ring_backward(dout, q, k, v, out, lse, documents: DocumentLayout, link: Rin
     for chunk in stream_kv_chunks(k, v, link):
         # A chunk's partial dK/dV starts at its owner and picks up each rank's share on its way.
         partial = grad_buffers(torch.Tensor.new_zeros) if chunk.step < 2 else partials.pop(chunk.step)
-        for rows, q_rows, k_cols, call in _block_calls(chunk, documents):
+        for rows, q_rows, k_cols, segments in _block_calls(chunk, documents):
             block_dq, block_dk, block_dv = attention_backward(
                 dout[rows, :, q_rows], q[rows, :, q_rows], chunk.key[rows, :, k_cols], chunk.value[rows, :, k_cols],
-                out[rows, :, q_rows], lse[rows, :, q_rows], causal=call.causal, scale=scale,
+                out[rows, :, q_rows], lse[rows, :, q_rows], segments=segments, scale=scale,
             )
             dq[rows, :, q_rows] += block_dq
             from_wire(partial[0])[rows, :, k_cols] += block_dk
@@ -133,18 +133,24 @@ def _ring_backward(dout, q, k, v, out, lse, documents: DocumentLayout, link: Rin
 
 
 def _block_calls(chunk: RingChunk, documents: DocumentLayout):
-    """(rows, query rows of the shard, key columns of the chunk, call) for every kernel call with `chunk`."""
+    """(rows, query rows of the shard, key columns of the chunk, causal segments) for every kernel
+    call with `chunk`. The diagonal block's causal squares, one per document, tile the chunk and
+    go to the kernels as one call (`segments`: their lengths); a rectangle has segments None."""
     layout = documents.sequence
     k_chunk = layout.chunks(chunk.owner)[chunk.index]
     for local_index, q_chunk in enumerate(layout.chunks(documents.rank)):
         offset = local_index * layout.chunk_len
         for rows, calls in documents.block_plan(q_chunk, k_chunk):
+            if calls[0].causal:
+                whole_chunk = slice(calls[0].q_start, calls[-1].q_end)
+                yield rows, _query_rows(whole_chunk, offset), whole_chunk, tuple(c.q_end - c.q_start for c in calls)
+                continue
             for call in calls:
-                yield rows, _query_rows(call, offset), slice(call.k_start, call.k_end), call
+                yield rows, _query_rows(slice(call.q_start, call.q_end), offset), slice(call.k_start, call.k_end), None
 
 
-def _query_rows(call: KernelCall, offset: int) -> slice:
-    return slice(offset + call.q_start, offset + call.q_end)
+def _query_rows(chunk_rows: slice, offset: int) -> slice:
+    return slice(offset + chunk_rows.start, offset + chunk_rows.stop)
 
 
 def _dense(grad_BHSD: torch.Tensor) -> torch.Tensor:
