@@ -17,7 +17,7 @@ from omnilong.config import FrameSampling, VideoTokenParams
 from omnilong.data.synth.video import encode_mp4
 from omnilong.eval.answering import Question, VideoQuery
 from omnilong.infer.generate import ModelAnswerer
-from omnilong.models.positions import VIDEO
+VIDEO = 2  # transformers mm_token_type_ids value for video tokens
 from tests.test_models_video_inputs import random_frames
 
 NEW_TOKENS = 6
