@@ -58,8 +58,10 @@ def mrope_position_ids(
         if not run_is_video:
             pieces.append(torch.arange(start, start + run_length).expand(3, -1))
             start += run_length
+            cursor = run_end
+            continue
         # Videos shown back to back form one run of placeholders: take them one grid at a time.
-        while run_is_video and cursor < run_end:
+        while cursor < run_end:
             grid_t, grid_h, grid_w = (int(n) for n in video_grid_thw[video])
             height, width = grid_h // spatial_merge_size, grid_w // spatial_merge_size
             if cursor + grid_t * height * width > run_end:
@@ -75,7 +77,6 @@ def mrope_position_ids(
             start = int(ids.max()) + 1
             cursor += ids.shape[1]
             video += 1
-        cursor = run_end
     return torch.cat(pieces or [torch.zeros(3, 0, dtype=torch.long)], dim=1).to(input_ids.device)
 
 
