@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -24,17 +23,17 @@ from omnilong.data.prepare import (
 from omnilong.data.shards import PackedShards, PackedShardsError, VideoClip
 from omnilong.data.video_frames import read_frames
 from omnilong.models.families import get_family
-from omnilong.models.loading import load_model
+from omnilong.models.positions import position_ids_for_document
 from omnilong.models.video_inputs import preprocess_video
 
 PAD = 0
 
 
-def hand_params(tmp_path: Path, seq_len: int = 64, family: str = "llava_onevision") -> Params:
+def hand_params(tmp_path: Path, seq_len: int = 64, family: str = "llava_onevision", model_dir: Path | None = None) -> Params:
     stage = {"seq_len": seq_len, "sp_size": 1}
     return parse_params(
         {
-            "model": {"family": family, "path": str(tmp_path / "no-model")},
+            "model": {"family": family, "path": str(model_dir or tmp_path / "no-model")},
             "data": {
                 "raw_dir": str(tmp_path / "raw"),
                 "tokenized_dir": str(tmp_path / "tokenized"),
@@ -135,6 +134,40 @@ def test_packed_rows_hold_every_token_with_masked_labels_and_restarting_position
         trainable += int((item["labels"] != IGNORE_INDEX).sum())
     assert trainable == stats.trainable_tokens
     assert "videos" not in dataset[0]
+
+
+def hand_video_document(doc_id: str, before: list[int], grid_thw: list[int], seconds: float, after: list[int],
+                        video_token_id: int) -> TokenizedDocument:
+    """A Qwen2.5-VL chat-like document around one video of grid `grid_thw` (merge 2); the clip is
+    never decoded by packing, so its file need not exist."""
+    num_tokens = grid_thw[0] * grid_thw[1] * grid_thw[2] // 4
+    clip = VideoClip(doc_id=doc_id, path="unused.mp4", frame_indices=list(range(2 * grid_thw[0])),
+                     timestamps=[0.0] * (2 * grid_thw[0]), fps=4.0, sampled_fps=4.0, height=56, width=56,
+                     token_offset=len(before), num_tokens=num_tokens, grid_thw=grid_thw, second_per_grid_t=seconds)
+    token_ids = np.array(before + [video_token_id] * num_tokens + after, dtype=np.int32)
+    return TokenizedDocument(DocumentEntry(id=doc_id, corpus="hand", video=clip), token_ids,
+                             np.ones(len(token_ids), dtype=bool))
+
+
+def test_packed_mrope_positions_restart_at_0_for_each_document(tmp_path, tiny_model_dir):
+    """Two video documents and padding in one row; the ids by hand from the rule in
+    `omnilong.models.positions.mrope_position_ids` (the tiny model: merge 2, 2 tokens per second)."""
+    model_dir = tiny_model_dir("qwen2_5_vl")
+    params = hand_params(tmp_path, seq_len=20, family="qwen2_5_vl", model_dir=model_dir)
+    video = AutoConfig.from_pretrained(model_dir).video_token_id
+    write_hand_stage(params, "stage3", [
+        hand_video_document("a", [5, 6], [2, 2, 4], 2.0, [7, 8], video),  # merged 2 x 1 x 2, offsets 0, 4
+        hand_video_document("b", [5], [1, 4, 2], 1.0, [7, 8, 9], video),  # merged 1 x 2 x 1
+    ])
+    pack_stage(params, "stage3")
+    [row] = PackedShards(Path(params.data.packed_dir) / "stage3")
+    assert row["doc_lens"].tolist() == [8, 6]
+    assert row["position_ids"].tolist() == [
+        # document a: text 0, 1; video at 2; text after its largest id, 6 | document b | padding
+        [0, 1, 2, 2, 6, 6, 7, 8] + [0, 1, 1, 3, 4, 5] + [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 2, 2, 2, 7, 8] + [0, 1, 2, 3, 4, 5] + [0, 1, 2, 3, 4, 5],
+        [0, 1, 2, 3, 2, 3, 7, 8] + [0, 1, 1, 3, 4, 5] + [0, 1, 2, 3, 4, 5],
+    ]
 
 
 def test_skipped_records_are_counted_in_the_packed_index(tmp_path):
@@ -388,15 +421,13 @@ def test_video_rows_hold_their_clips_and_per_document_positions(prepared):
             inputs = preprocess_video(family, frames, model_config, params.model.video, fps=clip.sampled_fps)
             document_ids = ids[start:end]
             if family == "qwen2_5_vl":
-                # What the model computes for this document alone, from the frames the loader decodes.
+                # The rule (checked by hand in tests/test_models_positions.py) on this document
+                # alone, with the grid of the frames the loader decodes.
                 assert clip.grid_thw == inputs["video_grid_thw"][0].tolist()
-                expected, _ = rope_model(model_dir).get_rope_index(
-                    document_ids[None],
-                    mm_token_type_ids=((document_ids == video_token_id).int() * 2)[None],
-                    video_grid_thw=inputs["video_grid_thw"],
-                    second_per_grid_ts=inputs["second_per_grid_ts"],
+                expected = position_ids_for_document(
+                    model_config, document_ids, inputs["video_grid_thw"], inputs["second_per_grid_ts"]
                 )
-                torch.testing.assert_close(positions[:, start:end], expected[:, 0])
+                torch.testing.assert_close(positions[:, start:end], expected)
             else:
                 torch.testing.assert_close(positions[start:end], torch.arange(end - start))
         padding = positions[..., starts[-1] :]
@@ -404,7 +435,3 @@ def test_video_rows_hold_their_clips_and_per_document_positions(prepared):
     assert sorted(seen) == sorted(records)
     assert any(len(item["videos"]) > 1 for item in dataset)
 
-
-@functools.cache
-def rope_model(model_dir: Path):
-    return load_model(model_dir).model

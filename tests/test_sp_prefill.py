@@ -3,9 +3,10 @@
 Two gloo ranks share each prompt: every layer's gathered keys and values (in prompt order,
 padding dropped) and the logits after the last prompt token must equal those of one process
 prefilling the whole prompt; the greedy answer (decoded by the first rank, returned by both)
-and the teacher-forced argmax must be the same tokens. Prompts: text cut to a length that is
-a multiple of 2P = 4 and to one that is not (so padding is exercised), and a video prompt,
-whose frames the ranks split between them as in training. The reference runs in the test's own
+and the teacher-forced argmax must be the same tokens, and the answer's positions those training gives
+it. Prompts: text cut to a length that is a multiple of 2P = 4 and to one that is not (so padding
+is exercised), and two video prompts (a short clip, and a long one whose time range outlasts the
+question after it), whose frames the ranks split between them as in training. The reference runs in the test's own
 process, from the same model directory; both are fp32 on the CPU, and ring attention sums the
 softmax blocks in another order than SDPA, hence rtol = 1e-5, atol = 1e-6 (the largest differences
 seen are about 2e-7).
@@ -26,9 +27,15 @@ import yaml
 from omnilong.config import FrameSampling, VideoTokenParams
 from omnilong.eval.answering import Question, VideoQuery
 from omnilong.infer.generate import ModelAnswerer, Prompt
-from omnilong.parallel.zigzag import SequenceLayout, shard_sequence
+from omnilong.parallel.zigzag import SequenceLayout, shard_sequence, unshard_sequence
 from tests.conftest import REPO
-from tests.test_generate import video_file  # noqa: F401  (fixture)
+from tests.test_generate import (  # noqa: F401  (fixtures)
+    fed_positions,
+    long_video_file,
+    long_video_question,
+    training_positions,
+    video_file,
+)
 from tests.test_ring_attention import spawn
 
 WORLD = 2
@@ -37,13 +44,16 @@ VIDEO = VideoTokenParams()
 NEW_TOKENS = 6
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 TEXT_LENGTHS = {"text-13": 13, "text-16": 16}  # 13: padded with 3 tokens to 16 = 4 x 2P
-CASES = (*TEXT_LENGTHS, "video")
+VIDEO_CASES = ("video", "long-video")
+CASES = (*TEXT_LENGTHS, *VIDEO_CASES)
 
 
-def case_prompt(answerer: ModelAnswerer, case: str, video_path: Path) -> Prompt:
+def case_prompt(answerer: ModelAnswerer, case: str, videos: dict[str, Path]) -> Prompt:
     if case == "video":
         return answerer.prompt(Question([{"role": "user", "content": "What moves, and where?"}],
-                                        VideoQuery(video_path, FrameSampling(num_frames=7))))
+                                        VideoQuery(videos[case], FrameSampling(num_frames=7))))
+    if case == "long-video":
+        return answerer.prompt(long_video_question(videos[case]))
     whole = answerer.prompt(Question([{"role": "user", "content": "Tell me a long story about the sea."}]))
     length = TEXT_LENGTHS[case]
     assert len(whole.input_ids) > length
@@ -55,18 +65,21 @@ def other_answer(tokens: list[int]) -> list[int]:
     return [(token + 1) % 100 + 10 for token in tokens]
 
 
-def sp_worker(model_dirs: dict[str, str], video_path: Path, rank: int, world_size: int) -> dict:
+def sp_worker(model_dirs: dict[str, str], videos: dict[str, Path], rank: int, world_size: int) -> dict:
     results = {}
     for family, model_dir in model_dirs.items():
         answerer = ModelAnswerer(model_dir, VIDEO, device="cpu", sp_group=dist.group.WORLD)
         whole = ModelAnswerer(model_dir, VIDEO, device="cpu")  # the whole embeddings V-NIAH passes
         for case in CASES:
-            prompt = case_prompt(answerer, case, video_path)
+            prompt = case_prompt(answerer, case, videos)
             prefill = answerer.prefill(answerer.embeddings(prompt), prompt.position_ids)
             # Decoding extends the cache: the prompt's part is taken first.
             cache = None if prefill.cache is None else [(layer.keys, layer.values) for layer in prefill.cache.layers]
-            tokens = answerer.decode(prefill, NEW_TOKENS, stop_ids=set())
-            embeds = whole.embeddings(case_prompt(whole, case, video_path))
+            with fed_positions(answerer) as decoding:
+                tokens = answerer.decode(prefill, NEW_TOKENS, stop_ids=set())
+            embeds = whole.embeddings(case_prompt(whole, case, videos))
+            with fed_positions(answerer) as teacher_forcing:
+                own = answerer.teacher_forced_argmax(embeds, prompt.position_ids, tokens)
             results[family, case] = {
                 "length": len(prompt.input_ids),
                 "cache": cache,
@@ -74,9 +87,10 @@ def sp_worker(model_dirs: dict[str, str], video_path: Path, rank: int, world_siz
                 "tokens": tokens,
                 "generated": answerer.generate(embeds, prompt.position_ids, NEW_TOKENS, stop_ids=set()),
                 "teacher_forced": {
-                    "own": answerer.teacher_forced_argmax(embeds, prompt.position_ids, tokens),
+                    "own": own,
                     "other": answerer.teacher_forced_argmax(embeds, prompt.position_ids, other_answer(tokens)),
                 },
+                "positions": {"decoding": decoding, "teacher_forcing": teacher_forcing},
                 "frames": None if prompt.video is None else sum(
                     piece["pixel_values_videos"].shape[0 if family == "qwen2_5_vl" else 1] for piece in prompt.video.pieces
                 ),
@@ -85,19 +99,24 @@ def sp_worker(model_dirs: dict[str, str], video_path: Path, rank: int, world_siz
 
 
 @pytest.fixture(scope="module")
-def sharded(tiny_model_dir, video_file, tmp_path_factory) -> list[dict]:  # noqa: F811
-    model_dirs = {family: str(tiny_model_dir(family)) for family in FAMILIES}
-    return spawn(functools.partial(sp_worker, model_dirs, video_file), WORLD, tmp_path_factory.mktemp("sp_prefill"))
+def videos(video_file, long_video_file) -> dict[str, Path]:  # noqa: F811
+    return {"video": video_file, "long-video": long_video_file}
 
 
 @pytest.fixture(scope="module")
-def single(tiny_model_dir, video_file, sharded) -> dict:  # noqa: F811
+def sharded(tiny_model_dir, videos, tmp_path_factory) -> list[dict]:
+    model_dirs = {family: str(tiny_model_dir(family)) for family in FAMILIES}
+    return spawn(functools.partial(sp_worker, model_dirs, videos), WORLD, tmp_path_factory.mktemp("sp_prefill"))
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, videos, sharded) -> dict:
     """The single-process results on the same prompts (teacher-forced on the sharded run's answers)."""
     results = {}
     for family in FAMILIES:
         answerer = ModelAnswerer(tiny_model_dir(family), VIDEO, device="cpu")
         for case in CASES:
-            prompt = case_prompt(answerer, case, video_file)
+            prompt = case_prompt(answerer, case, videos)
             embeds = answerer.embeddings(prompt)
             prefill = answerer.prefill(embeds, prompt.position_ids)
             cache = [(layer.keys, layer.values) for layer in prefill.cache.layers]
@@ -167,11 +186,32 @@ def test_prompt_lengths_cover_padding(sharded):
     assert any(length % (2 * WORLD) for length in lengths) and any(length % (2 * WORLD) == 0 for length in lengths)
 
 
+@pytest.mark.parametrize("case", VIDEO_CASES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_rank_encodes_its_share_of_the_frames(sharded, single, family):
-    shares = [result[family, "video"]["frames"] for result in sharded]
+def test_each_rank_encodes_its_share_of_the_frames(sharded, single, family, case):
+    shares = [result[family, case]["frames"] for result in sharded]
     assert all(share > 0 for share in shares)
-    assert sum(shares) == single[family, "video"]["frames"]
+    assert sum(shares) == single[family, case]["frames"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_positions_equal_those_training_gives_the_answer(sharded, tiny_model_dir, videos, tmp_path, family):
+    """As in one process (tests/test_generate.py), after the long video: the first rank decodes,
+    and the ranks' teacher-forced shards put back together hold, the positions training gives the
+    chat (prompt and answer, one packed document) before it shards them."""
+    key = family, "long-video"
+    answerer = ModelAnswerer(tiny_model_dir(family), VIDEO, device="cpu")
+    prompt = case_prompt(answerer, "long-video", videos)
+    answer = sharded[0][key]["tokens"]
+    length, total = len(prompt.input_ids), len(prompt.input_ids) + NEW_TOKENS
+    layout = SequenceLayout(-(-total // (2 * WORLD)) * 2 * WORLD, WORLD)
+    [forced_shards] = zip(*(result[key]["positions"]["teacher_forcing"] for result in sharded))
+    forced = unshard_sequence(list(forced_shards), layout, dim=-1)[..., :total]
+    decoded = torch.cat(sharded[0][key]["positions"]["decoding"], dim=-1)
+    assert sharded[1][key]["positions"]["decoding"] == []  # the first rank decodes alone
+    for training in training_positions(tiny_model_dir(family), answerer, prompt, answer, videos["long-video"], tmp_path):
+        assert torch.equal(forced, training)
+        assert torch.equal(decoded, training[..., length : length + NEW_TOKENS - 1])
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from omnilong.eval.answering import Question
 from omnilong.infer.prefill import PromptSplit, from_first_rank
 from omnilong.models.families import family_for_config, get_family
 from omnilong.models.loading import load_model, load_tokenizer
-from omnilong.models.positions import position_ids_for_document
+from omnilong.models.positions import next_text_position, position_ids_for_document
 from omnilong.models.video_inputs import seconds_per_grid, video_grid_thw, video_span
 from omnilong.parallel.hf_adapter import register_ring_attention
 from omnilong.parallel.vision import NOT_VIDEO, VideoShard, split_frames, video_sources
@@ -58,7 +58,8 @@ class Prefill:
     logits: torch.Tensor  # [vocab]
     length: int
     next_position: int
-    """Every position index (mRoPE's three alike) after the prompt continues from its largest."""
+    """The answer's first position (mRoPE's three alike): `next_text_position` of the prompt's,
+    where training's document puts the answer after the same prompt."""
 
 
 class ModelAnswerer:
@@ -172,7 +173,7 @@ class ModelAnswerer:
         """The prompt through the decoder: `embeds` as `embeddings` gives them (this rank's share
         under a group), `position_ids` the whole prompt's."""
         length = position_ids.shape[-1]
-        next_position = int(position_ids.max()) + 1
+        next_position = next_text_position(position_ids)
         split = self.split(length)
         cache = DynamicCache(config=self.model.config)
         if split is None:
@@ -220,7 +221,7 @@ class ModelAnswerer:
         whole prompt's, on every rank of a group."""
         answer = torch.tensor([answer_ids], device=self.device)
         full = torch.cat([embeds, self.model.get_input_embeddings()(answer)], dim=1)
-        next_position = int(position_ids.max()) + 1
+        next_position = next_text_position(position_ids)
         answer_positions = torch.arange(next_position, next_position + len(answer_ids))
         if position_ids.dim() == 2:
             answer_positions = answer_positions.expand(3, -1)
