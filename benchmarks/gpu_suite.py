@@ -222,7 +222,7 @@ def part_ring_attention(ctx: Context) -> dict:
             got = replayed_ring_attention(q, k, v, dout, [doc_lens], sp_size, scale)
             expected = _attention_reference(q, k, v, doc_lens, dout)
             record = {"dtype": str(dtype).removeprefix("torch."), "sp_size": sp_size, "seq_len": seq_len,
-                      "kernel": cuda_kernel(dtype, head_dim) if ctx.device.type == "cuda" else "cpu_flash"}
+                      "kernel": cuda_kernel(q) if ctx.device.type == "cuda" else "cpu_flash"}
             for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
                 record[f"rel_err_{name}"] = _relative_error(g, e)
                 tolerance = TOLERANCES[dtype]

@@ -6,12 +6,13 @@ and log-sum-exp (the flash backward recomputes each block's probabilities from t
 ATen's private SDPA ops:
 - CPU: the flash kernel (GQA native), one call per document; the reference the tests hold every
   other path to.
-- CUDA, fp16/bf16 with a head dim the flash kernel takes: the flash kernel (FlashAttention-2),
-  which reads grouped K/V heads as they are (no repeated copy) and sums their gradients itself;
-  the documents of a diagonal block go to its variable-length form in one call.
+- CUDA, fp16/bf16 with a head dim the kernels take: cuDNN's kernel on Hopper and later, the flash
+  kernel (FlashAttention-2) before; both read grouped K/V heads as they are (no repeated copy)
+  and sum their gradients themselves. The documents of a diagonal block go to the flash
+  kernel's variable-length form in one call.
 - CUDA otherwise (fp32, odd head dims): the memory-efficient kernel, one call per document, K/V
   heads repeated for it and their gradients summed back.
-`cuda_kernel` names the choice; benchmarks/gpu_suite.py checks both against SDPA on a GPU.
+`cuda_kernel` names the choice; benchmarks/gpu_suite.py checks each against SDPA on a GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _EFFICIENT_LSE_ALIGN = 32
 # FlashAttention-2 in PyTorch: half precision, head dims up to 256 in multiples of 8.
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
+_CUDNN_MAX_HEAD_DIM = 128
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,11 +33,23 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def cuda_kernel(dtype: torch.dtype, head_dim: int) -> str:
-    """"flash" or "efficient": the fastest of PyTorch's CUDA kernels with log-sum-exp that fits."""
-    if dtype in _FLASH_DTYPES and head_dim % 8 == 0 and head_dim <= _FLASH_MAX_HEAD_DIM:
-        return "flash"
-    return "efficient"
+def cuda_kernel(q_BHQD: torch.Tensor) -> str:
+    """The fastest of PyTorch's CUDA kernels with log-sum-exp that takes a dense block of `q`'s
+    dtype and head dim: "cudnn" on Hopper and later (its kernel uses Hopper's own instructions:
+    1.6x the flash kernel's rate on an H200, benchmarks/RESULTS.md), "flash" (FlashAttention-2)
+    on earlier GPUs, both in half precision; "efficient" otherwise (fp32, odd head dims)."""
+    head_dim = q_BHQD.shape[-1]
+    if not _flash_fits(q_BHQD):
+        return "efficient"
+    if (head_dim <= _CUDNN_MAX_HEAD_DIM and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q_BHQD.device) >= (9, 0)):
+        return "cudnn"
+    return "flash"
+
+
+def _flash_fits(q_BHQD: torch.Tensor) -> bool:
+    head_dim = q_BHQD.shape[-1]
+    return q_BHQD.dtype in _FLASH_DTYPES and head_dim % 8 == 0 and head_dim <= _FLASH_MAX_HEAD_DIM
 
 
 def attention_forward(
@@ -52,7 +66,7 @@ def attention_forward(
         raise NotImplementedError(f"ring attention (torch backend): no attention kernel for device {q_BHQD.device}")
     if segments is None or len(segments) == 1:
         return _dense_forward(q_BHQD, k_BKSD, v_BKSD, causal=segments is not None, scale=scale)
-    if _uses_flash(q_BHQD):
+    if q_BHQD.device.type == "cuda" and _flash_fits(q_BHQD):
         return _varlen_forward(q_BHQD, k_BKSD, v_BKSD, segments, scale=scale)
     batch, heads, queries, _ = q_BHQD.shape
     out = torch.empty_like(q_BHQD)
@@ -79,7 +93,7 @@ def attention_backward(
     if segments is None or len(segments) == 1:
         return _dense_backward(dout_BHQD, q_BHQD, k_BKSD, v_BKSD, out_BHQD, lse_BHQ,
                                causal=segments is not None, scale=scale)
-    if _uses_flash(q_BHQD):
+    if q_BHQD.device.type == "cuda" and _flash_fits(q_BHQD):
         return _varlen_backward(dout_BHQD, q_BHQD, k_BKSD, v_BKSD, out_BHQD, lse_BHQ, segments, scale=scale)
     dq, dk, dv = torch.empty_like(q_BHQD), torch.empty_like(k_BKSD), torch.empty_like(v_BKSD)
     for piece in _pieces(segments):
@@ -96,15 +110,16 @@ def _pieces(segments: tuple[int, ...]) -> list[slice]:
     return [slice(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
 
 
-def _uses_flash(q_BHQD: torch.Tensor) -> bool:
-    return q_BHQD.device.type == "cuda" and cuda_kernel(q_BHQD.dtype, q_BHQD.shape[-1]) == "flash"
-
-
 def _dense_forward(q_BHQD, k_BKSD, v_BKSD, *, causal: bool, scale: float):
     """One rectangle or one causal square (top-left aligned, Q = S)."""
     if q_BHQD.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu(q_BHQD, k_BKSD, v_BKSD, 0.0, causal, scale=scale)
-    if _uses_flash(q_BHQD):
+    kernel = cuda_kernel(q_BHQD)
+    if kernel == "cudnn":
+        out, lse_BHQ1, *_ = aten._scaled_dot_product_cudnn_attention(
+            q_BHQD, k_BKSD, v_BKSD, None, True, 0.0, causal, False, scale=scale)
+        return out, lse_BHQ1.squeeze(-1)
+    if kernel == "flash":
         out, lse, *_ = aten._scaled_dot_product_flash_attention(q_BHQD, k_BKSD, v_BKSD, 0.0, causal, scale=scale)
         return out, lse
     groups = q_BHQD.shape[1] // k_BKSD.shape[1]
@@ -119,7 +134,10 @@ def _dense_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale
         )
-    if _uses_flash(q):
+    kernel = cuda_kernel(q)
+    if kernel == "cudnn":
+        return _cudnn_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+    if kernel == "flash":
         return _flash_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
     return _efficient_backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
 
@@ -173,6 +191,16 @@ def _flash_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
     dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
         dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2],
         0.0, causal, no_rng, no_rng, scale=scale,
+    )
+    return dq, dk, dv
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, *, causal: bool, scale: float):
+    # As for flash: no dropout, so no random state is read; a dense batch, no cumulative lengths.
+    no_rng = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.contiguous().unsqueeze(-1), no_rng, no_rng, None, None, None, q.shape[2], k.shape[2],
+        0.0, causal, scale=scale,
     )
     return dq, dk, dv
 
