@@ -64,14 +64,19 @@ def write_wheels(wheels: Path) -> list[str]:
 
 
 def bundle_params(source: Path) -> dict:
-    """params.yaml for one GPU: a small default corpus, one rank, stage 1 for two steps, no MLflow."""
+    """params.yaml for the bundle: a small default corpus, trained as `one_gpu_params` says."""
     raw = yaml.safe_load(source.read_text())
     raw["data"]["synth"].update(
         text={"num_documents": 40, "min_chars": 2000, "max_chars": 16000},
         instruct={"num_samples": 4, "context_chars": 2000},
         video={"num_videos": 1, "num_frames": 8, "height": 64, "width": 64, "fps": 4, "long": {"num_videos": 0}},
     )
-    raw["parallel"] = {**raw.get("parallel", {}), "nnodes": 1, "nproc_per_node": 1}
+    return one_gpu_params(raw)
+
+
+def one_gpu_params(raw: dict) -> dict:
+    """`raw` params for one rank: no sequence parallelism, stage 1 for two steps, no MLflow."""
+    raw = {**raw, "parallel": {**raw.get("parallel", {}), "nnodes": 1, "nproc_per_node": 1}}
     for stage in raw["stages"].values():
         stage["sp_size"] = 1
     raw["stages"]["stage1"]["train"].update(max_steps=2, checkpoint_every=2)

@@ -431,13 +431,16 @@ def part_zero3_step(ctx: Context) -> dict:
     project = ctx.bundle / "project"
     if not (project / "params.yaml").is_file():
         raise FileNotFoundError(f"{project / 'params.yaml'}: no bundle project; run `make gpu-bundle` first")
+    import yaml
+
+    model_dir = yaml.safe_load((project / "params.yaml").read_text())["model"]["path"]
     work = Path(tempfile.mkdtemp(prefix="zero3_step_"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                "-m", "omnilong.train.runner", "--stage", "stage1", "--params", "params.yaml",
-               "--init", "models/tiny", "--out", str(work / "out"), "--checkpoints", str(work / "checkpoints")]
+               "--init", model_dir, "--out", str(work / "out"), "--checkpoints", str(work / "checkpoints")]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=240)
     step_lines = [line for line in result.stdout.splitlines() if "] step " in line]
