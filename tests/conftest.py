@@ -33,6 +33,24 @@ def project_env(project: Path) -> dict[str, str]:
     }
 
 
+def run_ranks(worker, world: int, *args, timeout: float = 300) -> list:
+    """Run `worker(rank, port, *args, queue)` in `world` spawned processes that meet on a free
+    loopback port; what each puts on the queue (a tuple starting with its rank), in rank order."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(world)]
+    for process in processes:
+        process.start()
+    results = sorted((queue.get(timeout=timeout) for _ in range(world)), key=lambda result: result[0])
+    for process in processes:
+        process.join(timeout=120)
+        assert process.exitcode == 0
+    return results
+
+
 def copy_project(destination: Path) -> Path:
     """Copy what a clone would hold (tracked files and untracked, non-ignored ones) into a new git repo."""
     listed = subprocess.run(

@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from omnilong import torch_compat
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 
 NEW_NAMES = ("all_gather_single", "reduce_scatter_single")
 
@@ -24,7 +23,7 @@ def _collectives(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     return gathered, summed
 
 
-def _worker(rank: int, world: int, port: int, hide_new_names: bool, queue) -> None:
+def _worker(rank: int, port: int, world: int, hide_new_names: bool, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     if hide_new_names:  # as on torch < 2.13, which has only the older names
@@ -39,17 +38,7 @@ def _worker(rank: int, world: int, port: int, hide_new_names: bool, queue) -> No
 @pytest.mark.parametrize("hide_new_names", [False, True], ids=["torch>=2.13", "torch<2.13"])
 def test_gather_and_reduce_scatter_on_either_branch(hide_new_names):
     world = 2
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=_worker, args=(rank, world, port, hide_new_names, queue))
-                 for rank in range(world)]
-    for process in processes:
-        process.start()
-    results = sorted((queue.get(timeout=120) for _ in range(world)), key=lambda item: item[0])
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    results = run_ranks(_worker, world, world, hide_new_names, timeout=120)
     expected_gathered = torch.cat([torch.arange(6, dtype=torch.float64).reshape(3, 2) + 100 * r for r in range(world)])
     # Rank r contributes gathered * (r + 1); the sum over ranks is gathered * 3, and rank r keeps rows 3r..3r+2.
     for rank, gathered, summed, had_new_names in results:

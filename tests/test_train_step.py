@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from omnilong.config import LossParams, TrainParams
 from omnilong.config import VideoTokenParams
 from omnilong.train.batches import MicroBatch, collate
 from omnilong.train.training_module import TrainingModule, model_inputs
-from tests.conftest import free_port
+from tests.conftest import run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -166,18 +165,7 @@ CASES = [("qwen2_5_vl", 1, "text"), ("qwen2_5_vl", 2, "text"), ("llava_onevision
 def zero3_step(request, tiny_model_dir, long_videos):
     family, sp_size, data = request.param
     model_dir = tiny_model_dir(family)
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, str(model_dir), family, sp_size,
-                                                                long_videos if data == "video" else data, queue))
-                 for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    results = sorted(queue.get(timeout=300) for _ in range(WORLD))
-    for process in processes:
-        process.join(timeout=120)
-        assert process.exitcode == 0
+    results = run_ranks(_worker, WORLD, str(model_dir), family, sp_size, long_videos if data == "video" else data)
     return family, sp_size, data, model_dir, results
 
 

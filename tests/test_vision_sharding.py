@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from omnilong.config import LlavaVideoParams, VideoTokenParams
 from omnilong.data.synth.video import encode_mp4
@@ -23,7 +22,7 @@ from omnilong.parallel.vision import split_frames, split_units, video_sources
 from omnilong.parallel.zigzag import SequenceLayout, shard_sequence
 from omnilong.train.batches import collate
 from omnilong.train.training_module import video_shard
-from tests.conftest import free_port, video_clip_row
+from tests.conftest import run_ranks, video_clip_row
 from tests.test_models_video_inputs import random_frames
 
 WORLD = 2
@@ -117,17 +116,7 @@ def _worker(rank: int, port: int, model_dir: str, family: str, video_files, queu
 def sharded_run(request, tiny_model_dir, video_files):
     family = request.param
     model_dir = tiny_model_dir(family)
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, str(model_dir), family, video_files, queue))
-                 for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    results = sorted((queue.get(timeout=300) for _ in range(WORLD)), key=lambda result: result[0])
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    results = run_ranks(_worker, WORLD, str(model_dir), family, video_files)
     return family, model_dir, results
 
 
