@@ -46,16 +46,6 @@ class StageRun:
     """Pipeline variant (e.g. `no-stage2`): its models register under their own name."""
 
 
-def training_rows(dataset, heldout_rows: int, packed_dir: Path) -> torch.utils.data.Subset:
-    """All rows but the last `heldout_rows` (the packer shuffled them: a random split)."""
-    if len(dataset) <= heldout_rows:
-        raise ValueError(
-            f"{packed_dir}: {len(dataset)} packed rows, but eval.heldout_rows keeps {heldout_rows} "
-            f"out of training; add data or lower eval.heldout_rows"
-        )
-    return torch.utils.data.Subset(dataset, range(len(dataset) - heldout_rows))
-
-
 def init_distributed() -> torch.device:
     import deepspeed
 
@@ -224,10 +214,10 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     )
 
     packed_dir = Path(params.data.packed_dir) / run.stage
+    # Every row trains: the held-out documents were packed apart (`heldout/`).
     datasets = {
-        seq_len: training_rows(PackedShards(directory), params.eval.heldout_rows, directory)
+        seq_len: PackedShards(packed_dir if seq_len == stage.seq_len else scheduled_dir(packed_dir, seq_len))
         for seq_len in stage.packed_lengths
-        for directory in [packed_dir if seq_len == stage.seq_len else scheduled_dir(packed_dir, seq_len)]
     }
     engine, ds_config, hf_ds_config = build_engine(params, run, device, ring_attention=sp is not None)
     model_config = engine.module.model.config
