@@ -201,7 +201,7 @@ def train_step(
 
 def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     from omnilong.data.pack import scheduled_dir
-    from omnilong.data.shards import PackedShards, read_index
+    from omnilong.data.shards import PackedShards
     from omnilong.train.export import export_hf_model
 
     device = init_distributed()
@@ -222,13 +222,8 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     engine, ds_config, hf_ds_config = build_engine(params, run, device, ring_attention=sp is not None)
     model_config = engine.module.model.config
 
-    inputs_fingerprint = checkpoint.fingerprint(
-        stage.model_dump(mode="json"), params.model.model_dump(mode="json"), str(run.init_dir),
-        read_index(packed_dir).model_dump(mode="json"),
-    )
-    resumed = checkpoint.resume(engine, run.ckpt_dir, expected_fingerprint=inputs_fingerprint)
-    if resumed is None:
-        checkpoint.discard(run.ckpt_dir)
+    inputs = checkpoint.resume_inputs(params, run.stage, run.init_dir, dist.get_world_size())
+    resumed = checkpoint.resume(engine, run.ckpt_dir, inputs=inputs)
     start_step = resumed["next_step"] if resumed else 0
 
     logger = StepLogger(
@@ -265,7 +260,7 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
         if next_step % train.checkpoint_every == 0 or next_step == train.max_steps:
             checkpoint.save(
                 engine, run.ckpt_dir, next_step=next_step,
-                state={"fingerprint": inputs_fingerprint, "mlflow_run_id": logger.run_id},
+                state={"resume_inputs": inputs, "mlflow_run_id": logger.run_id},
             )
 
     export_hf_model(engine, run, params)
