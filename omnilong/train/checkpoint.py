@@ -26,7 +26,7 @@ ABSENT = "(absent)"
 
 
 def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _flat(prefix: str, value: Any) -> dict[str, Any]:
