@@ -100,7 +100,7 @@ def learning_params() -> dict:
                  "synth": {"video": {"num_videos": 8, "num_frames": 16, "long": {"num_videos": 0}}}},
         "parallel": {"nproc_per_node": 2},
         "stages": {"stage1": STAGE1, "stage2": STAGE2, "stage3": STAGE3},
-        "eval": {"heldout_rows": 2, "niah": {
+        "eval": {"heldout_documents": 2, "niah": {
             "context_lengths": [NIAH_LENGTH], "depths": [0, 25, 50, 75, 100], "needles_per_cell": 20,
             "max_new_tokens": 32, "haystack_dir": "data/raw/haystack"}},
     }

@@ -432,8 +432,10 @@ class GateParams(_Params):
 
 
 class EvalParams(_Params):
-    heldout_rows: PositiveInt = 2
-    """Packed rows per stage kept out of training; held-out loss and perplexity are measured on them."""
+    heldout_documents: int | float = 2
+    """Documents of each stage kept out of training: a count, or a fraction in (0, 1) of the
+    stage's documents (rounded up). They are drawn with `seed` before packing and packed into
+    their own shards at the stage's `seq_len`; held-out loss and perplexity are measured there."""
     niah: NiahParams = NiahParams()
     vniah: VniahParams = VniahParams()
     videomme: VideommeParams = VideommeParams()
@@ -444,6 +446,20 @@ class EvalParams(_Params):
     then run themselves as that many torchrun processes on this node. A divisor of the world
     size (parallel.nnodes x parallel.nproc_per_node). Scores do not depend on it (up to
     floating-point rounding), so it is not part of the evaluation settings."""
+
+    @field_validator("heldout_documents")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
+            raise ValueError("a count of documents (an integer >= 1) or a fraction in (0, 1)")
+        return value
+
+    def heldout_count(self, num_documents: int) -> int:
+        """How many of a stage's `num_documents` are held out."""
+        if isinstance(self.heldout_documents, float):
+            # Less a hair: 0.1 x 30 is 3.0000000000000004 in floating point, and must give 3.
+            return math.ceil(self.heldout_documents * num_documents - 1e-9)
+        return self.heldout_documents
 
 
 class TrackingParams(_Params):

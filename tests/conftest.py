@@ -134,7 +134,7 @@ def tiny_raw_dir(tmp_path_factory) -> Path:
             "text": {"num_documents": 6, "min_chars": 500, "max_chars": 3000},
             "instruct": {"num_samples": 4, "context_chars": 800},
             "video": {
-                "num_videos": 2, "num_frames": 12, "height": 48, "width": 64, "fps": 4, "long": {"num_videos": 0},
+                "num_videos": 3, "num_frames": 12, "height": 48, "width": 64, "fps": 4, "long": {"num_videos": 0},
             },
         }
     )
@@ -169,9 +169,10 @@ def tiny_prepared(tmp_path_factory, tiny_model_dir, tiny_raw_dir):
                         # Some text documents are longer than this and get cut; no chat is.
                         "stage1": {"seq_len": 1024, "sp_size": 2},
                         "stage2": {"seq_len": 1024, "sp_size": 2},
-                        # Both videos fit in one row.
+                        # The two videos that train fit in one row.
                         "stage3": {"seq_len": 576, "sp_size": 1, "video_frames": {"num_frames": 8}},
                     },
+                    "eval": {"heldout_documents": 1},
                 }
             )
             prepare_corpora(params, root)

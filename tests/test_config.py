@@ -45,6 +45,9 @@ BAD_FILES = [
     (_set("stages.stage2.sp_size", 4), "stages.stage2.sp_size", "divisor of the world size 2"),
     (_set("eval.sp_size", 4), "eval.sp_size", "divisor of the world size 2"),
     (_set("eval.sp_size", 0), "eval.sp_size", "greater than 0"),
+    (_set("eval.heldout_documents", 0), "eval.heldout_documents", "a count of documents (an integer >= 1)"),
+    (_set("eval.heldout_documents", 1.0), "eval.heldout_documents", "or a fraction in (0, 1)"),
+    (_set("eval.heldout_rows", 2), "eval.heldout_rows", "unknown key"),
     (_set("stages.stage1.train.lr", -1e-4), "stages.stage1.train.lr", "greater than 0"),
     (_delete("model.path"), "model.path", "required key is missing"),
     (_set("model.path", ""), "model.path", "at least 1 character"),
@@ -140,3 +143,11 @@ def test_schema_is_printed_as_json():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert {"model", "stages", "parallel"} <= set(schema["properties"])
+
+
+def test_heldout_fraction_rounds_up_but_not_floating_point_error():
+    from omnilong.config import EvalParams
+
+    fraction = EvalParams(heldout_documents=0.1)
+    assert [fraction.heldout_count(n) for n in (30, 31, 5)] == [3, 4, 1]
+    assert EvalParams(heldout_documents=7).heldout_count(1000) == 7

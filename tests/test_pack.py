@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from omnilong.config import Params, StageName, parse_params
 from omnilong.data import pack
-from omnilong.data.pack import IGNORE_INDEX, PackError, Piece, pack_stage, plan_rows, scheduled_dir
+from omnilong.data.pack import IGNORE_INDEX, PackError, Piece, heldout_dir, pack_stage, plan_rows, scheduled_dir
 from omnilong.data.prepare import (
     DocumentEntry,
     SkippedDocument,
@@ -40,6 +40,7 @@ def hand_params(tmp_path: Path, seq_len: int = 64, family: str = "llava_onevisio
                 "packed_dir": str(tmp_path / "packed"),
             },
             "stages": {"stage1": stage, "stage2": stage, "stage3": {**stage, "video_frames": {"num_frames": 4}}},
+            "eval": {"heldout_documents": 1},  # the fewest a stage holds out: hand-made stages are small
         }
     )
 
@@ -65,8 +66,21 @@ def write_hand_stage(params: Params, stage: StageName, documents: list[Tokenized
     write_tokenized(Path(params.data.tokenized_dir) / stage, stage, params.model.family, PAD, documents)
 
 
-def recovered_documents(stage_dir: Path) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+def shard_sets(stage_dir: Path) -> list[Path]:
+    """A stage's training rows at its seq_len and its held-out rows: every document is in one of them."""
+    return [stage_dir, heldout_dir(stage_dir)]
+
+
+def recovered_documents(*shard_dirs: Path) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
     """(start, input_ids, labels) of every packed piece, per source document, read from the files directly."""
+    pieces = defaultdict(list)
+    for shard_dir in shard_dirs:
+        for doc, doc_pieces in _recovered(shard_dir).items():
+            pieces[doc] += doc_pieces
+    return pieces
+
+
+def _recovered(stage_dir: Path) -> dict[int, list[tuple[int, np.ndarray, np.ndarray]]]:
     index = json.loads((stage_dir / "index.json").read_text())
     pieces = defaultdict(list)
     for shard in index["shards"]:
@@ -105,15 +119,17 @@ def test_packed_rows_hold_every_token_with_masked_labels_and_restarting_position
     write_hand_stage(params, "stage2", documents)
     pack_stage(params, "stage2", rows_per_shard=3)
 
-    dataset = PackedShards(Path(params.data.packed_dir) / "stage2")
+    sets = shard_sets(Path(params.data.packed_dir) / "stage2")
+    datasets = [PackedShards(directory) for directory in sets]
     total = sum(len(d.token_ids) for d in documents)
-    stats = dataset.index.stats
-    assert stats.real_tokens == total
-    assert stats.real_tokens + stats.padding_tokens == len(dataset) * 64
-    assert dataset.index.num_shards == -(-len(dataset) // 3)
+    assert sum(dataset.index.stats.real_tokens for dataset in datasets) == total
+    for dataset in datasets:
+        stats = dataset.index.stats
+        assert stats.real_tokens + stats.padding_tokens == len(dataset) * 64
+        assert dataset.index.num_shards == -(-len(dataset) // 3)
 
     # Every document comes back whole, exactly once, from the boundaries alone.
-    pieces = recovered_documents(dataset.stage_dir)
+    pieces = recovered_documents(*sets)
     assert sorted(pieces) == list(range(len(documents)))
     for doc, document in enumerate(documents):
         [(start, input_ids, labels)] = pieces[doc]
@@ -123,17 +139,17 @@ def test_packed_rows_hold_every_token_with_masked_labels_and_restarting_position
         expected_labels[0] = IGNORE_INDEX  # nothing of the document precedes its first token
         np.testing.assert_array_equal(labels, expected_labels)
 
-    trainable = 0
-    for row in range(len(dataset)):
-        item = dataset[row]
-        used = int(item["doc_lens"].sum())
-        assert used <= 64 and item["doc_lens"].min() > 0
-        assert (item["input_ids"][used:] == PAD).all() and (item["labels"][used:] == IGNORE_INDEX).all()
-        expected_positions = torch.cat([torch.arange(n) for n in item["doc_lens"].tolist() + [64 - used]])
-        torch.testing.assert_close(item["position_ids"], expected_positions)
-        trainable += int((item["labels"] != IGNORE_INDEX).sum())
-    assert trainable == stats.trainable_tokens
-    assert "videos" not in dataset[0]
+    for dataset in datasets:
+        trainable = 0
+        for item in dataset:
+            used = int(item["doc_lens"].sum())
+            assert used <= 64 and item["doc_lens"].min() > 0
+            assert (item["input_ids"][used:] == PAD).all() and (item["labels"][used:] == IGNORE_INDEX).all()
+            expected_positions = torch.cat([torch.arange(n) for n in item["doc_lens"].tolist() + [64 - used]])
+            torch.testing.assert_close(item["position_ids"], expected_positions)
+            trainable += int((item["labels"] != IGNORE_INDEX).sum())
+        assert trainable == dataset.index.stats.trainable_tokens
+        assert "videos" not in dataset[0]
 
 
 def hand_video_document(doc_id: str, before: list[int], grid_thw: list[int], seconds: float, after: list[int],
@@ -199,11 +215,12 @@ def test_long_text_documents_are_cut_into_seq_len_pieces(tmp_path):
     documents = hand_documents([80, 10, 32])
     write_hand_stage(params, "stage1", documents)
     pack_stage(params, "stage1")
-    dataset = PackedShards(Path(params.data.packed_dir) / "stage1")
-    assert dataset.index.stats.split_documents == 1
-    assert dataset.index.stats.documents == 3 + 2
+    sets = shard_sets(Path(params.data.packed_dir) / "stage1")
+    stats = [PackedShards(directory).index.stats for directory in sets]
+    assert sum(s.split_documents for s in stats) == 1
+    assert sum(s.documents for s in stats) == 3 + 2
 
-    pieces = sorted(recovered_documents(dataset.stage_dir)[0], key=lambda piece: piece[0])
+    pieces = sorted(recovered_documents(*sets)[0], key=lambda piece: piece[0])
     assert [(start, len(ids)) for start, ids, _ in pieces] == [(0, 32), (32, 32), (64, 16)]
     np.testing.assert_array_equal(np.concatenate([ids for _, ids, _ in pieces]), documents[0].token_ids)
     # Each piece is a document of its own: no target for its first token.
@@ -214,20 +231,25 @@ def test_instruct_chats_wait_for_a_scheduled_length_they_fit(tmp_path):
     raw = hand_params(tmp_path, seq_len=64).model_dump(mode="json")
     raw["stages"]["stage2"]["context_schedule"] = [{"from_step": 0, "seq_len": 32}, {"from_step": 4, "seq_len": 64}]
     params = parse_params(raw)
-    documents = hand_documents([20, 40, 64, 100])
+    documents = hand_documents([20, 24, 40, 64, 100])
     write_hand_stage(params, "stage2", documents)
     pack_stage(params, "stage2")
+    stage_dir = Path(params.data.packed_dir) / "stage2"
+    [heldout] = PackedShards(stage_dir).index.heldout_split.documents
+    fitting = {0, 1} - {heldout}
 
-    short = PackedShards(scheduled_dir(Path(params.data.packed_dir) / "stage2", 32))
-    assert short.index.stats.documents == 1 and short.index.stats.deferred_documents == 3
+    short = PackedShards(scheduled_dir(stage_dir, 32))
+    assert short.index.stats.documents == len(fitting) and short.index.stats.deferred_documents == 4 - len(fitting)
     assert short.index.stats.split_documents == 0
-    assert sorted(recovered_documents(short.stage_dir)) == [0]
-    np.testing.assert_array_equal(recovered_documents(short.stage_dir)[0][0][1], documents[0].token_ids)
+    assert set(recovered_documents(short.stage_dir)) == fitting
+    for doc in fitting:
+        np.testing.assert_array_equal(recovered_documents(short.stage_dir)[doc][0][1], documents[doc].token_ids)
 
     # At the stage's own seq_len nothing waits: a chat longer than it is cut, as before.
-    full = PackedShards(Path(params.data.packed_dir) / "stage2")
-    assert full.index.stats.deferred_documents == 0 and full.index.stats.split_documents == 1
-    assert sorted(recovered_documents(full.stage_dir)) == [0, 1, 2, 3]
+    full, held = (PackedShards(directory) for directory in shard_sets(stage_dir))
+    assert full.index.stats.deferred_documents == held.index.stats.deferred_documents == 0
+    assert full.index.stats.split_documents + held.index.stats.split_documents == 1
+    assert sorted(recovered_documents(full.stage_dir)) == sorted({0, 1, 2, 3, 4} - {heldout})
 
 
 def test_a_scheduled_length_no_chat_fits_is_refused(tmp_path):
@@ -235,12 +257,72 @@ def test_a_scheduled_length_no_chat_fits_is_refused(tmp_path):
     raw = params.model_dump(mode="json")
     raw["stages"]["stage2"]["context_schedule"] = [{"from_step": 0, "seq_len": 16}, {"from_step": 4, "seq_len": 64}]
     params = parse_params(raw)
-    write_hand_stage(params, "stage2", hand_documents([20, 40]))
+    write_hand_stage(params, "stage2", hand_documents([20, 40, 20]))
     with pytest.raises(PackError) as error:
         pack_stage(params, "stage2")
     for expected in ("stages.stage2.context_schedule", "seq_len = 16", "shortest has 20 tokens"):
         assert expected in str(error.value)
     assert not (Path(params.data.packed_dir) / "stage2").exists()
+
+
+def test_heldout_documents_reach_no_training_row_of_any_length(tmp_path):
+    """Every length of a context schedule is packed from the same documents and long ones are cut
+    across rows: holding out packed rows of one length would leave their documents in training."""
+    raw = hand_params(tmp_path, seq_len=64).model_dump(mode="json")
+    raw["stages"]["stage1"]["context_schedule"] = [{"from_step": 0, "seq_len": 32}, {"from_step": 4, "seq_len": 64}]
+    raw["eval"]["heldout_documents"] = 4
+    params = parse_params(raw)
+    documents = hand_documents([150, 70, 40, 100, 20, 65, 33, 90, 10, 64, 31, 130])
+    write_hand_stage(params, "stage1", documents)
+    pack_stage(params, "stage1", rows_per_shard=2)
+
+    stage_dir = Path(params.data.packed_dir) / "stage1"
+    split = PackedShards(stage_dir).index.heldout_split
+    ids = [document.entry.id for document in documents]
+    heldout = {ids.index(doc_id) for doc_id in split.document_ids}
+    assert len(heldout) == split.heldout_documents == 4
+    assert split.training_documents == len(documents) - 4 and split.seed == params.seed
+    for directory in (stage_dir, scheduled_dir(stage_dir, 32)):
+        trained = set(recovered_documents(directory))
+        assert not trained & heldout, directory
+        assert trained == set(range(len(documents))) - heldout, directory
+
+    # The held-out documents, whole, in their own shards at the stage's final length.
+    heldout_set = PackedShards(heldout_dir(stage_dir))
+    assert heldout_set.index.seq_len == 64
+    pieces = recovered_documents(heldout_set.stage_dir)
+    assert set(pieces) == heldout
+    for doc in heldout:
+        joined = np.concatenate([ids for _, ids, _ in sorted(pieces[doc], key=lambda piece: piece[0])])
+        np.testing.assert_array_equal(joined, documents[doc].token_ids)
+
+
+def test_heldout_split_is_a_seeded_fraction_of_each_stage(tmp_path):
+    raw = hand_params(tmp_path).model_dump(mode="json")
+    raw["eval"]["heldout_documents"] = 0.25
+    splits = {}
+    for seed in (0, 1):
+        raw["seed"] = seed
+        params = parse_params(raw)
+        write_hand_stage(params, "stage1", hand_documents([30] * 12))
+        write_hand_stage(params, "stage2", hand_documents([30] * 8))
+        pack_stage(params, "stage1")
+        pack_stage(params, "stage2")
+        for stage in ("stage1", "stage2"):
+            splits[seed, stage] = PackedShards(Path(params.data.packed_dir) / stage).index.heldout_split
+    assert [len(splits[0, stage].document_ids) for stage in ("stage1", "stage2")] == [3, 2]
+    assert splits[0, "stage1"].document_ids != splits[1, "stage1"].document_ids
+
+
+def test_a_heldout_count_that_leaves_nothing_to_train_is_refused(tmp_path):
+    raw = hand_params(tmp_path).model_dump(mode="json")
+    raw["eval"]["heldout_documents"] = 3
+    params = parse_params(raw)
+    write_hand_stage(params, "stage1", hand_documents([10, 20, 30]))
+    with pytest.raises(PackError) as error:
+        pack_stage(params, "stage1")
+    for expected in ("eval.heldout_documents", "3 documents", "stage1"):
+        assert expected in str(error.value)
 
 
 def test_video_document_longer_than_seq_len_is_refused(tmp_path):
@@ -324,9 +406,10 @@ def raw_records(params: Params, root: Path, kind: str) -> list[dict]:
 
 
 def reassembled(stage_dir: Path) -> list[tuple[np.ndarray, np.ndarray, list[int]]]:
-    """(input_ids, labels, piece starts) of each source document, in order, joined from its pieces."""
+    """(input_ids, labels, piece starts) of each source document, in order, joined from its pieces
+    in the training rows or the held-out ones."""
     documents = []
-    by_doc = recovered_documents(stage_dir)
+    by_doc = recovered_documents(*shard_sets(stage_dir))
     assert sorted(by_doc) == list(range(len(by_doc)))
     for doc in range(len(by_doc)):
         pieces = sorted(by_doc[doc], key=lambda piece: piece[0])
@@ -365,11 +448,13 @@ def test_text_stage_keeps_every_token_of_the_raw_corpus(prepared):
         np.testing.assert_array_equal(labels, expected_labels)
     assert any(len(starts) > 1 for _, _, starts in documents)
 
-    dataset = PackedShards(stage_dir)
-    stats = dataset.index.stats
-    assert stats.real_tokens == sum(map(len, expected))
-    assert stats.real_tokens + stats.padding_tokens == len(dataset) * params.stages.stage1.seq_len
-    assert stats.split_documents == sum(len(ids) > params.stages.stage1.seq_len for ids in expected)
+    datasets = [PackedShards(directory) for directory in shard_sets(stage_dir)]
+    for dataset in datasets:
+        stats = dataset.index.stats
+        assert stats.real_tokens + stats.padding_tokens == len(dataset) * params.stages.stage1.seq_len
+    assert sum(dataset.index.stats.real_tokens for dataset in datasets) == sum(map(len, expected))
+    assert sum(dataset.index.stats.split_documents for dataset in datasets) == sum(
+        len(ids) > params.stages.stage1.seq_len for ids in expected)
 
 
 def test_instruct_stage_trains_only_on_answers(prepared):
@@ -398,10 +483,10 @@ def test_video_rows_hold_their_clips_and_per_document_positions(prepared):
     seq_len = params.stages.stage3.seq_len
     records = {record["id"]: record for record in raw_records(params, root, "video")}
 
-    dataset = PackedShards(root / params.data.packed_dir / "stage3")
-    assert dataset.index.position_dims == (3 if family == "qwen2_5_vl" else 1)
+    training, heldout = (PackedShards(directory) for directory in shard_sets(root / params.data.packed_dir / "stage3"))
+    assert training.index.position_dims == heldout.index.position_dims == (3 if family == "qwen2_5_vl" else 1)
     seen = []
-    for item in dataset:
+    for item in [*training, *heldout]:
         ids, positions = item["input_ids"], item["position_ids"]
         starts = np.cumsum([0] + item["doc_lens"].tolist())
         assert len(item["videos"]) == len(item["doc_lens"])
@@ -433,5 +518,5 @@ def test_video_rows_hold_their_clips_and_per_document_positions(prepared):
         padding = positions[..., starts[-1] :]
         torch.testing.assert_close(padding, torch.arange(seq_len - starts[-1]).expand_as(padding))
     assert sorted(seen) == sorted(records)
-    assert any(len(item["videos"]) > 1 for item in dataset)
+    assert any(len(item["videos"]) > 1 for item in training)
 

@@ -91,7 +91,7 @@ def test_video_placeholder_run_has_the_models_token_count(tiny_prepared, family)
     model_config = AutoConfig.from_pretrained(root / params.model.path)
     video_token_id = model_config.video_token_id if family == "qwen2_5_vl" else model_config.video_token_index
     tokenized = load_tokenized(root / params.data.tokenized_dir / "stage3")
-    assert tokenized.index.num_documents == 2
+    assert tokenized.index.num_documents == 3
     for doc, entry in enumerate(tokenized.index.documents):
         clip = entry.video
         with av.open(str(root / clip.path)) as container:  # the video's size, read apart from decord

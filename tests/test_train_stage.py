@@ -1,4 +1,4 @@
-"""A training stage under torchrun on 2 gloo ranks: resume after a crash, and LoRA fine-tuning."""
+"""A training stage under torchrun on 2 gloo ranks: resume after a crash, not after a changed input; LoRA."""
 
 from __future__ import annotations
 
@@ -44,10 +44,17 @@ def _client(root: Path):
     return mlflow.MlflowClient()
 
 
-def test_a_crashed_stage_resumes_from_its_last_checkpoint(stage1_setup):
+@pytest.fixture(scope="module")
+def full_run(stage1_setup) -> Path:
+    """The checkpoints of the stage run to its end (steps 2 and 4)."""
     raw, root = stage1_setup
     full = _train(root, raw, "resume", "runs/resume-full", "checkpoints/resume-full")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    return root / "checkpoints/resume-full"
+
+
+def test_a_crashed_stage_resumes_from_its_last_checkpoint(stage1_setup, full_run):
+    raw, root = stage1_setup
 
     # The same run, crashed after step 2's checkpoint: its step-4 checkpoint never written.
     shutil.copytree(root / "checkpoints/resume-full", root / "checkpoints/resume-crash")
@@ -68,6 +75,19 @@ def test_a_crashed_stage_resumes_from_its_last_checkpoint(stage1_setup):
     history = _client(root).get_metric_history(run_id, "train/loss")
     assert sorted({m.step for m in history}) == [0, 1, 2, 3]
     assert sorted(m.step for m in history) == [0, 1, 2, 2, 3, 3]
+
+
+def test_a_changed_seed_sets_the_checkpoints_aside_and_trains_afresh(stage1_setup, full_run):
+    """The seed sets the row order: a checkpoint of another seed must not be resumed."""
+    raw, root = stage1_setup
+    raw = {**raw, "seed": raw["seed"] + 1}
+    shutil.copytree(full_run, root / "checkpoints/reseed")
+    result = _train(root, raw, "reseed", "runs/reseed", "checkpoints/reseed")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "checkpoints/reseed: not resumed, set aside as checkpoints/reseed.stale-1: seed changed: 1234 -> 1235" in (
+        result.stdout)
+    assert "resuming" not in result.stdout and "step 1/4" in result.stdout
+    assert (root / "checkpoints/reseed.stale-1/step0000004").is_dir()
 
 
 def test_lora_stage_registers_merged_weights_and_logs_the_adapter(stage1_setup):

@@ -17,6 +17,11 @@ Each row holds `seq_len` tokens: whole documents back to back, then padding. Per
 Packing is best-fit decreasing (longest piece first, into the fullest row it fits), which is
 deterministic; rows are then put in an order shuffled with `params.seed`, so a reader going
 through the shards in order sees long and short documents mixed. See `shards.py` for the layout.
+
+Held-out documents (`eval.heldout_documents`) are drawn with `params.seed` before anything is
+packed, and packed apart, into `heldout/` at the stage's `seq_len`: every length of a context
+schedule is packed from the same documents and a long one is cut across rows, so no set of
+packed rows could be held out without its documents reaching training through other rows.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from omnilong import atomic
-from omnilong.config import STAGE_KIND, Params, StageName
+from omnilong.config import STAGE_KIND, EvalParams, Params, StageName
 from omnilong.data.prepare import TokenizedStage, load_tokenized
 from omnilong.data.shards import (
     INDEX_FILE,
     SHARDS_DIR,
+    HeldoutSplit,
     PackedIndex,
     PackStats,
     ShardEntry,
@@ -60,8 +66,32 @@ class Piece(NamedTuple):
     length: int
 
 
-def cut_documents(tokenized: TokenizedStage, seq_len: int, stage: StageName, final_length: bool = True) -> list[Piece]:
-    """One piece per document; a text document longer than seq_len is cut into seq_len pieces.
+def split_heldout(tokenized: TokenizedStage, eval_params: EvalParams, seed: int, stage: StageName) -> HeldoutSplit:
+    """Draw the stage's held-out documents, `eval.heldout_documents` of them, with `seed`."""
+    num_documents = tokenized.index.num_documents
+    count = eval_params.heldout_count(num_documents)
+    if count >= num_documents:
+        raise PackError(
+            f"eval.heldout_documents = {eval_params.heldout_documents!r} holds out {count} of stage {stage}'s "
+            f"{num_documents} documents, leaving none to train on; lower eval.heldout_documents or add "
+            f"documents to stages.{stage}.corpora"
+        )
+    documents = np.sort(np.random.default_rng(seed).choice(num_documents, size=count, replace=False)).tolist()
+    return HeldoutSplit(
+        seed=seed,
+        requested=eval_params.heldout_documents,
+        training_documents=num_documents - count,
+        heldout_documents=count,
+        documents=documents,
+        document_ids=[tokenized.index.documents[doc].id for doc in documents],
+    )
+
+
+def cut_documents(
+    tokenized: TokenizedStage, documents: list[int], seq_len: int, stage: StageName, final_length: bool = True
+) -> list[Piece]:
+    """One piece per document of `documents` (numbers in `tokenized`); a text document longer than
+    seq_len is cut into seq_len pieces.
 
     Each piece becomes a document of its own, positions restarting at 0: attention cannot reach
     the previous piece (it sits in another row), and restarting keeps every position below
@@ -72,8 +102,10 @@ def cut_documents(tokenized: TokenizedStage, seq_len: int, stage: StageName, fin
     it is trained once the schedule reaches a length it fits.
     """
     kind = tokenized.index.kind
+    doc_lengths = tokenized.doc_lengths
     pieces = []
-    for doc, length in enumerate(tokenized.doc_lengths.tolist()):
+    for doc in documents:
+        length = int(doc_lengths[doc])
         if length > seq_len and kind == "video":
             entry = tokenized.index.documents[doc]
             raise PackError(
@@ -87,7 +119,7 @@ def cut_documents(tokenized: TokenizedStage, seq_len: int, stage: StageName, fin
     if not pieces and not final_length:
         raise PackError(
             f"stages.{stage}.context_schedule: no {kind} document of stage {stage} fits in seq_len = {seq_len} "
-            f"(the shortest has {int(tokenized.doc_lengths.min())} tokens); start the schedule at a longer length"
+            f"(the shortest has {int(doc_lengths[documents].min())} tokens); start the schedule at a longer length"
         )
     return pieces
 
@@ -189,8 +221,13 @@ def _write_shard(
 
 
 def scheduled_dir(stage_dir: Path, seq_len: int) -> Path:
-    """Where the rows of one scheduled length live inside a stage's packed directory."""
+    """Where the training rows of one scheduled length live inside a stage's packed directory."""
     return stage_dir / f"len{seq_len}"
+
+
+def heldout_dir(stage_dir: Path) -> Path:
+    """Where the rows of the held-out documents live inside a stage's packed directory."""
+    return stage_dir / "heldout"
 
 
 def pack_stage(
@@ -198,8 +235,10 @@ def pack_stage(
 ) -> None:
     """Pack `tokenized_dir/<stage>/` into `packed_dir/<stage>/`, replacing it atomically.
 
-    Rows of the stage's `seq_len` fill the directory itself; each other length of its
-    `context_schedule` is packed from the same documents into `len<seq_len>/`.
+    The documents are split first (`eval.heldout_documents`). Training rows of the stage's
+    `seq_len` fill the directory itself, its index recording the split; each other length of its
+    `context_schedule` is packed from the same training documents into `len<seq_len>/`; the
+    held-out documents are packed into `heldout/` at `seq_len`.
     """
     stage_params = params.stages[stage]
     tokenized_dir = root / params.data.tokenized_dir / stage
@@ -213,18 +252,28 @@ def pack_stage(
     if params.model.family == "qwen2_5_vl" and STAGE_KIND[stage] == "video":
         mrope_config = AutoConfig.from_pretrained(root / params.model.path)
 
+    split = split_heldout(tokenized, params.eval, params.seed, stage)
+    heldout = set(split.documents)
+    training = [doc for doc in range(tokenized.index.num_documents) if doc not in heldout]
+
+    def pack(target: Path, documents: list[int], seq_len: int, heldout_split: HeldoutSplit | None = None) -> None:
+        _pack_rows(target, tokenized, documents, stage, seq_len, seq_len == stage_params.seq_len, params.seed,
+                   mrope_config, rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len), heldout_split)
+
     with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
         for seq_len in stage_params.packed_lengths:
-            target = staging if seq_len == stage_params.seq_len else scheduled_dir(staging, seq_len)
-            _pack_rows(target, tokenized, stage, seq_len, seq_len == stage_params.seq_len, params.seed,
-                       mrope_config, rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len))
+            if seq_len == stage_params.seq_len:
+                pack(staging, training, seq_len, split)
+            else:
+                pack(scheduled_dir(staging, seq_len), training, seq_len)
+        pack(heldout_dir(staging), split.documents, stage_params.seq_len)
 
 
 def _pack_rows(
-    target: Path, tokenized: TokenizedStage, stage: StageName, seq_len: int, final_length: bool, seed: int,
-    mrope_config, rows_per_shard: int,
+    target: Path, tokenized: TokenizedStage, documents: list[int], stage: StageName, seq_len: int,
+    final_length: bool, seed: int, mrope_config, rows_per_shard: int, heldout_split: HeldoutSplit | None,
 ) -> None:
-    pieces = cut_documents(tokenized, seq_len, stage, final_length)
+    pieces = cut_documents(tokenized, documents, seq_len, stage, final_length)
     planned = plan_rows(pieces, seq_len)
     order = np.random.default_rng(seed).permutation(len(planned))
     rows = [planned[i] for i in order]
@@ -248,10 +297,11 @@ def _pack_rows(
         trainable_tokens += shard_trainable
     real_tokens = sum(piece.length for piece in pieces)
     packed_docs = {piece.doc for piece in pieces}
-    deferred = [doc for doc in range(len(tokenized.doc_lengths)) if doc not in packed_docs]
-    # Zero token loss: every tokenized token lands in exactly one row, or its chat waits for a longer length.
+    deferred = [doc for doc in documents if doc not in packed_docs]
+    # Zero token loss: every token of the documents lands in exactly one row, or its chat waits for a longer length.
     deferred_tokens = int(tokenized.doc_lengths[deferred].sum()) if deferred else 0
-    assert real_tokens + deferred_tokens == tokenized.index.num_tokens, (real_tokens, deferred_tokens)
+    document_tokens = int(tokenized.doc_lengths[documents].sum())
+    assert real_tokens + deferred_tokens == document_tokens, (real_tokens, deferred_tokens, document_tokens)
     index = PackedIndex(
         stage=stage,
         kind=tokenized.index.kind,
@@ -269,10 +319,11 @@ def _pack_rows(
             trainable_tokens=trainable_tokens,
             documents=len(pieces),
             source_documents=tokenized.index.num_documents,
-            split_documents=int(np.count_nonzero(tokenized.doc_lengths > seq_len)) - len(deferred),
+            split_documents=int(np.count_nonzero(tokenized.doc_lengths[documents] > seq_len)) - len(deferred),
             deferred_documents=len(deferred),
             skipped_documents=len(tokenized.index.skipped),
         ),
         videos=videos if tokenized.index.kind == "video" else None,
+        heldout_split=heldout_split,
     )
     atomic.write_text(target / INDEX_FILE, index.model_dump_json(indent=1))

@@ -1,6 +1,6 @@
 """Packed shards on disk: the `index.json` schema and a read-only dataset over the rows.
 
-A packed stage directory (written by `omnilong.data.pack`) holds
+A packed shard set (written by `omnilong.data.pack`) holds
 
     index.json                  PackedIndex below
     shards/<NNNNN>/input_ids.npy    int32 [R, L]
@@ -13,6 +13,10 @@ A packed stage directory (written by `omnilong.data.pack`) holds
 
 Documents sit at the start of a row, back to back; the row's tail beyond sum(doc_lens) is padding.
 Arrays are memory-mapped, so opening a stage costs nothing whatever its size.
+
+A stage's packed directory is the shard set of its training rows at `seq_len`, with two kinds of
+shard sets inside: `len<N>/`, its training rows at each shorter length of a context schedule, and
+`heldout/`, the held-out documents at `seq_len` (see `pack.pack_stage`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from omnilong.data.schemas import CorpusKind
 
 INDEX_FILE = "index.json"
 SHARDS_DIR = "shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: held-out documents split off before packing
 ROW_ARRAYS = ("input_ids", "labels", "position_ids")
 DOC_ARRAYS = ("doc_lens", "doc_offsets", "doc_index", "doc_start")
 
@@ -75,6 +79,30 @@ class ShardEntry(_Frozen):
     row_end: NonNegativeInt
 
 
+class HeldoutSplit(_Frozen):
+    """The documents of a stage kept out of training (`eval.heldout_documents`), drawn before packing."""
+
+    seed: int
+    """`params.seed`, which drew them."""
+    requested: int | float
+    """`eval.heldout_documents` as set: a count, or a fraction of the stage's documents."""
+    training_documents: NonNegativeInt
+    heldout_documents: NonNegativeInt
+    documents: list[NonNegativeInt]
+    """The held-out documents' numbers in the tokenized stage (as `doc_index` in the shards), ascending."""
+    document_ids: list[str]
+    """Their ids, in the same order."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HeldoutSplit:
+        if not len(self.documents) == len(self.document_ids) == self.heldout_documents:
+            raise ValueError(
+                f"heldout_documents is {self.heldout_documents} but {len(self.documents)} documents "
+                f"and {len(self.document_ids)} ids are listed"
+            )
+        return self
+
+
 class PackStats(_Frozen):
     real_tokens: NonNegativeInt
     padding_tokens: NonNegativeInt
@@ -83,6 +111,7 @@ class PackStats(_Frozen):
     documents: NonNegativeInt
     """Documents in the rows, counting each piece of a split document."""
     source_documents: NonNegativeInt
+    """Documents of the tokenized stage, training and held-out ones together."""
     split_documents: NonNegativeInt
     """Source documents longer than seq_len, cut into pieces."""
     deferred_documents: NonNegativeInt = 0
@@ -94,7 +123,7 @@ class PackStats(_Frozen):
 
 
 class PackedIndex(_Frozen):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     stage: StageName
     kind: CorpusKind
     family: Family
@@ -108,6 +137,9 @@ class PackedIndex(_Frozen):
     stats: PackStats
     videos: list[list[VideoClip]] | None = None
     """Stage 3: the videos of each row, in row order."""
+    heldout_split: HeldoutSplit | None = None
+    """The stage's own index (its training rows at `seq_len`) only: which documents no training
+    row of any length holds; they are in `heldout/`."""
 
     @model_validator(mode="after")
     def _consistent(self) -> PackedIndex:
@@ -148,7 +180,9 @@ def read_index(stage_dir: Path) -> PackedIndex:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<index>'}: {e['msg']}" for e in exc.errors()
         )
-        raise PackedShardsError(f"{path}: not a valid packed index ({problems})") from None
+        raise PackedShardsError(
+            f"{path}: not a valid packed index ({problems}); run `omnilong data pack` to pack it again"
+        ) from None
 
 
 class PackedShards(torch.utils.data.Dataset):

@@ -1,8 +1,9 @@
-"""Held-out loss and perplexity of models on each stage's held-out packed rows.
+"""Held-out loss and perplexity of models on each stage's held-out documents.
 
-The rows are the last `eval.heldout_rows` of each stage's shards, which training never reads.
-Every model is scored on every stage with the same rows and the same loss code as training, so
-the base model, each stage's model and an ablation compare directly.
+They are the `eval.heldout_documents` the packer split off before packing and packed into the
+stage's `heldout/` shards, so no training row of any length holds any of their tokens. Every
+model is scored on every stage with the same rows and the same loss code as training, so the
+base model, each stage's model and an ablation compare directly.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from omnilong.config import STAGE_NAMES, Params
+from omnilong.data.pack import heldout_dir
 from omnilong.data.shards import PackedShards
 from omnilong.models.loading import load_model
 from omnilong.train.batches import collate
@@ -22,11 +24,10 @@ from omnilong.train.training_module import TrainingModule, model_inputs
 
 @torch.no_grad()
 def heldout_loss(params: Params, module: TrainingModule, stage: str) -> dict[str, float]:
-    dataset = PackedShards(Path(params.data.packed_dir) / stage)
-    rows = range(len(dataset) - params.eval.heldout_rows, len(dataset))
+    dataset = PackedShards(heldout_dir(Path(params.data.packed_dir) / stage))
     loss_sum = tokens = 0.0
-    for row in rows:
-        batch = collate([dataset[row]], family=params.model.family, model_config=module.model.config,
+    for row in dataset:
+        batch = collate([row], family=params.model.family, model_config=module.model.config,
                         video_params=params.model.video)
         row_loss, row_tokens = module(**model_inputs(batch, params.model.family))
         loss_sum += float(row_loss)

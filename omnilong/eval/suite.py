@@ -21,7 +21,7 @@ from omnilong.config import Params, corpus_path
 def evaluation_settings(params: Params) -> dict:
     """What makes two models' scores comparable: the evaluation parameters and the model's
     video tokenisation. Recorded with every gate score."""
-    return {"eval": params.eval.model_dump(mode="json", exclude={"heldout_rows", "sp_size"}),
+    return {"eval": params.eval.model_dump(mode="json", exclude={"heldout_documents", "sp_size"}),
             "video": params.model.video.model_dump(mode="json")}
 
 

@@ -46,16 +46,6 @@ class StageRun:
     """Pipeline variant (e.g. `no-stage2`): its models register under their own name."""
 
 
-def training_rows(dataset, heldout_rows: int, packed_dir: Path) -> torch.utils.data.Subset:
-    """All rows but the last `heldout_rows` (the packer shuffled them: a random split)."""
-    if len(dataset) <= heldout_rows:
-        raise ValueError(
-            f"{packed_dir}: {len(dataset)} packed rows, but eval.heldout_rows keeps {heldout_rows} "
-            f"out of training; add data or lower eval.heldout_rows"
-        )
-    return torch.utils.data.Subset(dataset, range(len(dataset) - heldout_rows))
-
-
 def init_distributed() -> torch.device:
     import deepspeed
 
@@ -211,7 +201,7 @@ def train_step(
 
 def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     from omnilong.data.pack import scheduled_dir
-    from omnilong.data.shards import PackedShards, read_index
+    from omnilong.data.shards import PackedShards
     from omnilong.train.export import export_hf_model
 
     device = init_distributed()
@@ -224,21 +214,16 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     )
 
     packed_dir = Path(params.data.packed_dir) / run.stage
+    # Every row trains: the held-out documents were packed apart (`heldout/`).
     datasets = {
-        seq_len: training_rows(PackedShards(directory), params.eval.heldout_rows, directory)
+        seq_len: PackedShards(packed_dir if seq_len == stage.seq_len else scheduled_dir(packed_dir, seq_len))
         for seq_len in stage.packed_lengths
-        for directory in [packed_dir if seq_len == stage.seq_len else scheduled_dir(packed_dir, seq_len)]
     }
     engine, ds_config, hf_ds_config = build_engine(params, run, device, ring_attention=sp is not None)
     model_config = engine.module.model.config
 
-    inputs_fingerprint = checkpoint.fingerprint(
-        stage.model_dump(mode="json"), params.model.model_dump(mode="json"), str(run.init_dir),
-        read_index(packed_dir).model_dump(mode="json"),
-    )
-    resumed = checkpoint.resume(engine, run.ckpt_dir, expected_fingerprint=inputs_fingerprint)
-    if resumed is None:
-        checkpoint.discard(run.ckpt_dir)
+    inputs = checkpoint.resume_inputs(params, run.stage, run.init_dir, dist.get_world_size())
+    resumed = checkpoint.resume(engine, run.ckpt_dir, inputs=inputs)
     start_step = resumed["next_step"] if resumed else 0
 
     logger = StepLogger(
@@ -275,7 +260,7 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
         if next_step % train.checkpoint_every == 0 or next_step == train.max_steps:
             checkpoint.save(
                 engine, run.ckpt_dir, next_step=next_step,
-                state={"fingerprint": inputs_fingerprint, "mlflow_run_id": logger.run_id},
+                state={"resume_inputs": inputs, "mlflow_run_id": logger.run_id},
             )
 
     export_hf_model(engine, run, params)
