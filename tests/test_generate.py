@@ -93,11 +93,13 @@ def training_positions(model_dir: Path, answerer: ModelAnswerer, prompt: Prompt,
                  "packed_dir": str(work_dir / "packed")},
         "stages": {"stage1": stage, "stage2": stage,
                    "stage3": {**stage, "video_frames": {"num_frames": LONG_VIDEO_FRAMES}}},
+        "eval": {"heldout_documents": 1},
     })
     trainable = np.arange(length) >= len(prompt.input_ids)
+    # Three copies: one is held out, the two others fill the training row.
     write_tokenized(work_dir / "tokenized" / "stage3", "stage3", family, 0, [
         TokenizedDocument(DocumentEntry(id=f"chat{copy}", corpus="hand", video=clip), token_ids, trainable)
-        for copy in range(2)
+        for copy in range(3)
     ])
     pack_stage(params, "stage3")
     [row] = PackedShards(work_dir / "packed" / "stage3")
