@@ -174,9 +174,12 @@ def test_packed_mrope_positions_restart_at_0_for_each_document(tmp_path, tiny_mo
     write_hand_stage(params, "stage3", [
         hand_video_document("a", [5, 6], [2, 2, 4], 2.0, [7, 8], video),  # merged 2 x 1 x 2, offsets 0, 4
         hand_video_document("b", [5], [1, 4, 2], 1.0, [7, 8, 9], video),  # merged 1 x 2 x 1
+        hand_video_document("b-copy", [5], [1, 4, 2], 1.0, [7, 8, 9], video),  # one of the b's is held out
     ])
     pack_stage(params, "stage3")
-    [row] = PackedShards(Path(params.data.packed_dir) / "stage3")
+    packed = PackedShards(Path(params.data.packed_dir) / "stage3")
+    assert packed.index.heldout_split.document_ids in (["b"], ["b-copy"])
+    [row] = packed
     assert row["doc_lens"].tolist() == [8, 6]
     assert row["position_ids"].tolist() == [
         # document a: text 0, 1; video at 2; text after its largest id, 6 | document b | padding
