@@ -21,7 +21,16 @@ import torch
 
 from omnilong.config import FrameSampling, VideoTokenParams, parse_params
 from omnilong.data.pack import pack_stage
-from omnilong.data.prepare import DocumentEntry, TokenizedDocument, _video_clip, _VideoContext, write_tokenized
+from omnilong.data.prepare import (
+    DocumentEntry,
+    TokenizedDocument,
+    _video_clip,
+    _VideoContext,
+    chat_document,
+    video_document,
+    write_tokenized,
+)
+from omnilong.data.schemas import Message, VideoRecord
 from omnilong.data.shards import PackedShards
 from omnilong.data.synth.video import encode_mp4
 from omnilong.data.video_frames import sample_frames, video_info
@@ -35,6 +44,20 @@ from tests.test_models_video_inputs import random_frames
 NEW_TOKENS = 6
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
 LONG_VIDEO_FRAMES = 8
+
+# The generation prompt for one user turn "What happens?" (with and without a video before it),
+# written by hand from each family's published chat template: Qwen2.5-VL's, and the llava-hf
+# LLaVA-OneVision (qwen2) one, whose generation prompt ends in ChatML's `<|im_start|>assistant\n`
+# (no space) as the original LLaVA-OneVision training format does.
+PUBLISHED_PROMPTS = {
+    ("qwen2_5_vl", False): "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                           "<|im_start|>user\nWhat happens?<|im_end|>\n<|im_start|>assistant\n",
+    ("qwen2_5_vl", True): "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                          "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n"
+                          "<|im_start|>assistant\n",
+    ("llava_onevision", False): "<|im_start|>user \nWhat happens?<|im_end|>\n<|im_start|>assistant\n",
+    ("llava_onevision", True): "<|im_start|>user <video>\nWhat happens?<|im_end|>\n<|im_start|>assistant\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +205,45 @@ def test_answer_positions_equal_those_training_gives_the_answer(tiny_model_dir, 
         start = int(prompt.position_ids[0, video[0]])
         side = int(prompt.video.pieces[0]["video_grid_thw"][0, 1:].max()) // config.vision_config.spatial_merge_size
         assert int(prompt.position_ids[:, video].max()) - start > side + (length - 1 - int(video[-1]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("with_video", [False, True], ids=["text", "video"])
+def test_training_trains_the_answer_after_the_prompt_generate_feeds(tiny_model_dir, video_file, tmp_path, family,
+                                                                     with_video):
+    """A chat prepared for training holds, before its answer, exactly the tokens `generate` feeds
+    for the same question (the family's published generation prompt), and then the answer's tokens
+    as teacher-forcing scores them, predicted alike by the model on the training document."""
+    answerer = ModelAnswerer(tiny_model_dir(family), VideoTokenParams())
+    tokenizer, config = answerer.tokenizer, answerer.model.config
+    question_text, answer_text = "What happens?", "It rains."
+    sampling = FrameSampling(num_frames=6)
+    question = Question([{"role": "user", "content": question_text}],
+                        VideoQuery(video_file, sampling) if with_video else None)
+    messages = [Message(role="user", content=question_text), Message(role="assistant", content=answer_text)]
+    if with_video:
+        token_id = video_token_id(family, config)
+        context = _VideoContext(family, config, answerer.video, sampling, token_id, tmp_path)
+        record = VideoRecord(id="chat", video=video_file.name, messages=messages)
+        token_ids, trainable, _ = video_document(tokenizer, record, video_file.parent, context)
+        token_ids, trainable = token_ids.tolist(), trainable.tolist()
+    else:
+        token_ids, trainable = chat_document(tokenizer, messages, with_video=False)
+    prompt = answerer.prompt(question)
+    length = len(prompt.input_ids)
+
+    assert tokenizer.decode(answerer.chat_ids(question.messages, with_video)) == PUBLISHED_PROMPTS[family, with_video]
+    assert token_ids[:length] == prompt.input_ids.tolist()
+    answer_ids = tokenizer.encode(answer_text, add_special_tokens=False)  # as V-NIAH teacher-forces an answer
+    assert trainable.index(True) == length
+    assert [t for t, trained in zip(token_ids, trainable) if trained] == answer_ids + [tokenizer.eos_token_id]
+
+    video = {} if prompt.video is None else dict(prompt.video.pieces[0])
+    document = torch.tensor(token_ids)
+    positions = position_ids_for_document(config, document, video.get("video_grid_thw"),
+                                          video.get("second_per_grid_ts"))
+    with torch.no_grad():
+        logits = answerer.model(input_ids=document[None], position_ids=positions.unsqueeze(-2), **video).logits
+    predicted_in_training = logits[0, length - 1 : length - 1 + len(answer_ids)].argmax(-1).tolist()
+    teacher_forced = answerer.teacher_forced_argmax(answerer.embeddings(prompt), prompt.position_ids, answer_ids)
+    assert teacher_forced == predicted_in_training

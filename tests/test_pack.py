@@ -25,6 +25,7 @@ from omnilong.data.video_frames import read_frames
 from omnilong.models.families import get_family
 from omnilong.models.positions import position_ids_for_document
 from omnilong.models.video_inputs import preprocess_video
+from tests.test_prepare import as_trained
 
 PAD = 0
 
@@ -468,7 +469,7 @@ def test_instruct_stage_trains_only_on_answers(prepared):
     assert len(documents) == len(records)
     for record, (ids, labels, _) in zip(records, documents):
         rendered = tokenizer.apply_chat_template(template_chat(record, False), tokenize=False)
-        assert tokenizer.decode(ids) == rendered
+        assert tokenizer.decode(ids) == as_trained(rendered)
         trained = np.flatnonzero(labels != IGNORE_INDEX)
         runs = np.split(trained, np.flatnonzero(np.diff(trained) > 1) + 1)
         answers = [m["content"] + tokenizer.eos_token for m in record["messages"] if m["role"] == "assistant"]
@@ -499,10 +500,10 @@ def test_video_rows_hold_their_clips_and_per_document_positions(prepared):
             assert start < run.start and run.stop < end
             assert (ids[start:end] == video_token_id).sum() == clip.num_tokens
             assert (ids[run] == video_token_id).all() and (item["labels"][run] == IGNORE_INDEX).all()
-            # The document is the template's rendering with its placeholder expanded.
+            # The document is the template's rendering as trained, with its placeholder expanded.
             collapsed = torch.cat([ids[start : run.start + 1], ids[run.stop : end]])
             chat = template_chat(records[clip.doc_id], True)
-            assert tokenizer.decode(collapsed) == tokenizer.apply_chat_template(chat, tokenize=False)
+            assert tokenizer.decode(collapsed) == as_trained(tokenizer.apply_chat_template(chat, tokenize=False))
 
             frames = read_frames(root / clip.path, clip.frame_indices)
             assert len(frames) == params.stages.stage3.video_frames.num_frames

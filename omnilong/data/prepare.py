@@ -261,17 +261,20 @@ def chat_segments(tokenizer: Any, messages: list[Message], with_video: bool) -> 
 
     Templates of real models (Qwen, LLaVA) have no `{% generation %}` markers, so each assistant
     turn is found by rendering growing prefixes: what `messages[:i+1]` adds to `messages[:i]` is
-    turn i. Its header (role tag) is masked; from the answer's first character through the
-    end-of-turn token is trained. The header is measured on the same turn rendered with a
-    sentinel answer, so an answer that also occurs in the header ("a" in "assistant") is not
-    mistaken for it. Generation prompts are not used as the header: LLaVA-OneVision's
-    (`assistant\n`) differs from the header it renders in a conversation (`assistant \n`).
+    turn i. From the answer's first character through the end-of-turn token is trained. The
+    answer's start is measured on the same turn rendered with a sentinel answer, so an answer
+    that also occurs in the header ("a" in "assistant") is not mistaken for it.
+
+    The masked header before each answer is the template's generation prompt, not the header the
+    template writes for an assistant turn of a conversation: the model is trained on the prompt
+    `generate` gives it. The two differ in LLaVA-OneVision's published template (`assistant\n`
+    as generation prompt, as in its original training; `assistant \n` in a conversation).
     Whitespace after the end-of-turn token is not trained either: the model stops at that token.
     """
     chat = template_messages(messages, with_video)
 
-    def render(prefix: list[dict[str, Any]]) -> str:
-        return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=False)
+    def render(prefix: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
 
     segments: list[tuple[str, bool]] = []
     rendered = ""
@@ -279,10 +282,11 @@ def chat_segments(tokenizer: Any, messages: list[Message], with_video: bool) -> 
         if message.role != "assistant":
             continue
         before = render(chat[:i])
+        prompt = render(chat[:i], generation_prompt=True)
         with_answer = render(chat[: i + 1])
         sentinel_turn = {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}
         with_sentinel = render(chat[:i] + [sentinel_turn])
-        prefixes = ((before, rendered), (with_answer, before), (with_sentinel, before))
+        prefixes = ((before, rendered), (prompt, before), (with_answer, before), (with_sentinel, before))
         if not all(text.startswith(prefix) for text, prefix in prefixes):
             raise PrepareError(
                 f"the chat template does not render conversations prefix by prefix (at message {i}); "
@@ -297,7 +301,7 @@ def chat_segments(tokenizer: Any, messages: list[Message], with_video: bool) -> 
             )
         trained_end = len(turn.rstrip())
         segments += [
-            (before[len(rendered) :] + turn[:answer_start], False),
+            (prompt[len(rendered) :], False),
             (turn[answer_start:trained_end], True),
             (turn[trained_end:], False),
         ]

@@ -41,8 +41,9 @@ _QWEN2_5_VL_CHAT_TEMPLATE = (
     r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# LLaVA-OneVision (qwen2)'s template: the role, then all images, then all videos of the turn,
-# then each text part on its own line.
+# LLaVA-OneVision (qwen2)'s template (llava-hf's): the role and a space, then all images, then all
+# videos of the turn, then each text part on its own line. Its generation prompt has no space
+# (`assistant\n`, ChatML as the original weights were trained); prepare trains answers after it.
 _LLAVA_ONEVISION_CHAT_TEMPLATE = (
     r"{% for message in messages %}"
     r"{{ '<|im_start|>' + message['role'] + ' ' }}"
