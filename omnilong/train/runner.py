@@ -81,6 +81,14 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
         model.set_attn_implementation(register_ring_attention())
     if train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.offload_activations:
+        from omnilong.train.activation_offload import offload_checkpoints
+
+        offload_checkpoints(model)
+    if train.tiled_mlp.enabled:
+        from omnilong.train.tiling import tile_mlps
+
+        tile_mlps(model, train.tiled_mlp.tile_tokens)
     if train.finetune == "lora":
         from omnilong.train.lora import add_lora
 
