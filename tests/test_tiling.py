@@ -98,23 +98,24 @@ def test_tiled_model_matches_untiled_in_bf16(tiny_model_dir, family):
         )
 
 
-def test_no_tensor_of_tokens_by_intermediate(tiny_model_dir):
+@pytest.mark.parametrize("tile_tokens", [8, "auto"])
+def test_no_tensor_of_tokens_by_intermediate(tiny_model_dir, tile_tokens):
     """Forward and backward of a tiled MLP make no tensor larger than its input ([tokens, hidden]),
-    a weight or one tile's activation ([tile, intermediate])."""
+    a weight or one tile's activation ([tile, intermediate]; `auto`: tiles of hidden tokens)."""
     model = _model(tiny_model_dir, "qwen2_5_vl", lora=False)
     mlp = model.model.language_model.layers[0].mlp
-    tokens, intermediate = 256, mlp.intermediate_size  # more tokens than hidden: a weight is smaller
-    hidden = torch.randn(1, tokens, mlp.hidden_size, requires_grad=True)
+    tokens, hidden_size, intermediate = 256, mlp.hidden_size, mlp.intermediate_size  # tokens > hidden
+    tile = hidden_size if tile_tokens == "auto" else tile_tokens
+    hidden = torch.randn(1, tokens, hidden_size, requires_grad=True)
 
     def forward_backward() -> None:
         mlp(hidden).sum().backward()
 
     _, untiled_numel = largest_tensor_during(forward_backward)
     assert untiled_numel >= tokens * intermediate  # the recorder sees the whole activation untiled
-    tile_mlps(model, 8)
+    tile_mlps(model, tile_tokens)
     op, numel = largest_tensor_during(forward_backward)
-    hidden_size = mlp.hidden_size
-    assert numel <= max(tokens * hidden_size, hidden_size * intermediate, 8 * intermediate), f"{op} made {numel} elements"
+    assert numel <= max(tokens * hidden_size, hidden_size * intermediate, tile * intermediate), f"{op} made {numel}"
     assert numel < tokens * intermediate
 
 
