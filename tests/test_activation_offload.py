@@ -9,6 +9,7 @@ memory effect is a GPU figure.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 class RecordingSaveOnCpu(torch.autograd.graph.save_on_cpu):
     """PyTorch's `save_on_cpu`, recording the shape of each tensor it packs and each it unpacks."""
 
-    packed: list[tuple[int, ...]] = []
-    unpacked: list[tuple[int, ...]] = []
+    packed: ClassVar[list[tuple[int, ...]]] = []
+    unpacked: ClassVar[list[tuple[int, ...]]] = []
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -69,7 +69,7 @@ def test_tiled_model_matches_untiled_in_fp32_against_fp64(tiny_model_dir, family
     assert tile_mlps(tiled, TILE) == untiled.config.get_text_config().num_hidden_layers
     input_ids = _input_ids(untiled)
 
-    truth_logits, truth_grads = _forward_backward(truth_model, input_ids)
+    _, truth_grads = _forward_backward(truth_model, input_ids)
     untiled_logits, untiled_grads = _forward_backward(untiled, input_ids)
     tiled_logits, tiled_grads = _forward_backward(tiled, input_ids)
 
