@@ -212,6 +212,15 @@ class LoraParams(_Params):
     """Module names of the language model to adapt (the vision tower is left as it is)."""
 
 
+class TiledMLPParams(_Params):
+    """The language model's MLPs run over tiles of the sequence (omnilong/train/tiling.py)."""
+
+    enabled: bool = False
+    tile_tokens: PositiveInt | Literal["auto"] = "auto"
+    """Tokens per tile; `auto`: the model's hidden size, so one tile's [tile, intermediate]
+    activation is the size of one MLP weight (DeepSpeed ALST's choice)."""
+
+
 class TrainParams(_Params):
     finetune: Literal["full", "lora"] = "full"
     lora: LoraParams = LoraParams()
@@ -232,9 +241,22 @@ class TrainParams(_Params):
     offload_params: bool = False
     """ZeRO-3: keep partitioned parameters on the CPU between uses."""
     activation_checkpointing: bool = True
+    offload_activations: bool = False
+    """Keep the layer-boundary checkpoints in (pinned) host memory until backward; needs
+    `activation_checkpointing`."""
+    tiled_mlp: TiledMLPParams = TiledMLPParams()
     checkpoint_every: PositiveInt = 10
     """Optimizer steps between DeepSpeed checkpoints (one is always written at the end)."""
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpoints(self) -> TrainParams:
+        if self.offload_activations and not self.activation_checkpointing:
+            raise _FieldError(
+                "offload_activations", "false unless activation_checkpointing is true (it offloads the checkpoints)",
+                self.offload_activations,
+            )
+        return self
 
 
 class LossParams(_Params):

@@ -81,6 +81,18 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
         model.set_attn_implementation(register_ring_attention())
     if train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    memory_savers = []
+    if train.offload_activations:
+        from omnilong.train.activation_offload import offload_checkpoints
+
+        memory_savers.append(f"the checkpoints of {offload_checkpoints(model)} layers offloaded to host memory")
+    if train.tiled_mlp.enabled:
+        from omnilong.train.tiling import tile_mlps
+
+        layers = tile_mlps(model, train.tiled_mlp.tile_tokens)
+        memory_savers.append(f"the MLPs of {layers} layers tiled ({train.tiled_mlp.tile_tokens} tokens a tile)")
+    if memory_savers and dist.get_rank() == 0:
+        print(f"[{run.stage}] " + "; ".join(memory_savers), flush=True)
     if train.finetune == "lora":
         from omnilong.train.lora import add_lora
 
