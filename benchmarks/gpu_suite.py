@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.measure import PeakMemory, free_port
+from benchmarks.model_shapes import QWEN2_5_7B, TOY, decoder_config
 
 H200_BF16_SPEC_TFLOPS = 989.0
 REPO = Path(__file__).resolve().parents[1]
@@ -81,9 +82,7 @@ GPU_SIZES = Sizes(
     attn_packed_case=(32768, 64),
     loss_hidden_vocab=(3584, 152064),
     loss_lens=(16384, 32768, 65536, 131072),
-    # Qwen2.5-7B's language model
-    model_shapes={"hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
-                  "intermediate_size": 18944, "vocab_size": 152064},
+    model_shapes=QWEN2_5_7B,
     model_layers=4,
     model_lens=(32768, 65536, 131072),
 )
@@ -97,8 +96,7 @@ QUICK_SIZES = Sizes(
     attn_packed_case=(512, 8),
     loss_hidden_vocab=(64, 1000),
     loss_lens=(256, 512),
-    model_shapes={"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "intermediate_size": 128, "vocab_size": 1000},
+    model_shapes=TOY,
     model_layers=2,
     model_lens=(256, 512),
 )
@@ -452,21 +450,6 @@ def part_zero3_step(ctx: Context) -> dict:
     return record
 
 
-def _decoder_config(ctx: Context, layers: int):
-    from transformers import Qwen2_5_VLConfig
-
-    shapes = ctx.sizes.model_shapes
-    head_dim = shapes["hidden_size"] // shapes["num_attention_heads"]
-    quarter = head_dim // 8
-    text = {**shapes, "num_hidden_layers": layers, "max_window_layers": layers, "max_position_embeddings": 1 << 20,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                "mrope_section": [quarter, (head_dim // 2 - quarter) // 2,
-                                                  head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]}}
-    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-              "out_hidden_size": shapes["hidden_size"], "fullatt_block_indexes": [0]}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
-
-
 def _matmul_weights(model) -> tuple[int, int]:
     """(trained, frozen) weights of the decoder layers' and LM head's matmuls."""
     trained = frozen = 0
@@ -493,7 +476,7 @@ def part_training_step(ctx: Context, peak_tflops: float | None) -> dict:
 
     layers = ctx.sizes.model_layers
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    config = _decoder_config(ctx, layers)
+    config = decoder_config(ctx.sizes.model_shapes, layers)
     torch.manual_seed(0)
     with ctx.device:  # initialised where it trains: the weights never exist on the host
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
