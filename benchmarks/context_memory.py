@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.measure import PeakMemory, emit_summary, free_port
+from benchmarks.measure import PeakMemory, emit_summary, free_port, release
 from benchmarks.model_shapes import FULL_LAYERS, SHAPES, decoder_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,10 +110,18 @@ def longest_under(cap_bytes: float, fixed: float, slope: float, multiple: int) -
 
 
 def fitted(rows: list[dict], cap_bytes: float, multiple: int) -> dict:
-    lengths = [r["seq_len"] for r in rows if "peak_bytes" in r]
-    fixed, slope = linear_fit(lengths, [r["peak_bytes"] for r in rows if "peak_bytes" in r])
+    """The rows with their fit; a path that ran out of memory below two lengths has no fit."""
+    measured = [r for r in rows if "peak_bytes" in r]
+    if len({r["seq_len"] for r in measured}) < 2:
+        return {"rows": rows, "fixed_bytes": None, "slope_bytes_per_token": None,
+                "longest_under_cap_extrapolated": None}
+    fixed, slope = linear_fit([r["seq_len"] for r in measured], [r["peak_bytes"] for r in measured])
     return {"rows": rows, "fixed_bytes": fixed, "slope_bytes_per_token": slope,
             "longest_under_cap_extrapolated": longest_under(cap_bytes, fixed, slope, multiple)}
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator is not None and denominator else None
 
 
 def extrapolate_layers(per_layers: dict[int, dict], target_layers: int, floor_at, cap_bytes: float,
@@ -177,9 +185,6 @@ def naive_rows(config, lengths: list[int], warmup_len: int, device: torch.device
             optimizer.zero_grad(set_to_none=True)
             rows.append({"seq_len": seq_len, "error": "oom"})
             break
-    del model, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -245,7 +250,8 @@ def ours_rows(params_raw: dict, model_dirs: dict[int, str], lengths: list[int], 
     merged = {}
     for layers in model_dirs:
         per_rank = [rank[str(layers)]["rows"] for rank in ranks]
-        merged[layers] = [{"seq_len": rows[0]["seq_len"], "peak_bytes": max(r["peak_bytes"] for r in rows),
+        merged[layers] = [{"seq_len": rows[0]["seq_len"], "error": "oom"} if any("error" in r for r in rows) else
+                          {"seq_len": rows[0]["seq_len"], "peak_bytes": max(r["peak_bytes"] for r in rows),
                            "peak_bytes_per_rank": [r["peak_bytes"] for r in rows],
                            "seconds": max(r["seconds"] for r in rows)} for rows in zip(*per_rank)]
     return merged
@@ -259,9 +265,6 @@ def save_model(config, dtype: torch.dtype, device: torch.device, directory: Path
     with device:
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     model.save_pretrained(directory)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return str(directory)
 
 
@@ -337,16 +340,18 @@ def run(args: argparse.Namespace) -> dict:
         configs = {layers: decoder_config(shapes, layers) for layers in args.layers}
         model_dirs = {layers: save_model(configs[layers], dtype, device, work / f"model_{layers}")
                       for layers in args.layers}
+        release(device)
         ours = ours_rows(params_raw, model_dirs, args.lengths, warmup_len, world, work, args.timeout)
         for layers in args.layers:
             floor = floor_at(layers)
             record = {"layers": layers, "floor": floor, "ours": fitted(ours[layers], cap, multiple)}
-            record["ours_over_floor"] = record["ours"]["slope_bytes_per_token"] / floor["device_bytes_per_token"]
+            record["ours_over_floor"] = _ratio(record["ours"]["slope_bytes_per_token"], floor["device_bytes_per_token"])
             if not args.skip_naive:
                 rows = naive_rows(configs[layers], args.naive_lengths, warmup_len, device, dtype, args.finetune)
+                release(device)  # the naive model of this layer count is gone: its memory too
                 record["naive"] = fitted(rows, cap, 2)
-                record["naive_over_ours"] = (record["naive"]["slope_bytes_per_token"]
-                                             / record["ours"]["slope_bytes_per_token"])
+                record["naive_over_ours"] = _ratio(record["naive"]["slope_bytes_per_token"],
+                                                   record["ours"]["slope_bytes_per_token"])
             runs.append(record)
     summary = {
         "benchmark": "context_memory", "device": str(device), "quick": args.quick,
@@ -354,34 +359,38 @@ def run(args: argparse.Namespace) -> dict:
         "sp_size": args.sp_size, "train_options": train_options, "cap_gib": args.cap_gib,
         "naive_lengths": [] if args.skip_naive else args.naive_lengths, "lengths": args.lengths, "runs": runs,
     }
-    if len(args.layers) >= 2:
+    if len(args.layers) >= 2 and all(r["ours"]["slope_bytes_per_token"] is not None for r in runs):
         summary["whole_model"] = extrapolate_layers({r["layers"]: r["ours"] for r in runs}, args.extrapolate_layers,
                                                     floor_at, cap, host_cap, multiple)
     summary["seconds"] = time.perf_counter() - started
     return summary
 
 
+def _figure(value: float | None, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def table(summary: dict) -> str:
     """The figures as a Markdown table (bytes per token; longest lengths extrapolated from the fits)."""
-    lines = ["| layers | naive B/token | ours B/token | floor B/token (device + host) | ours / floor | "
-             "naive / ours | naive longest | ours longest |", "|---|---|---|---|---|---|---|---|"]
+    header = ("| layers | naive B/token | ours B/token | floor B/token (device + host) | ours / floor | "
+              "naive / ours | naive longest | ours longest |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in summary["runs"]:
-        naive = r.get("naive", {})
-        floor = r["floor"]
+        naive, floor = r.get("naive", {}), r["floor"]
         lines.append(
-            f"| {r['layers']} | {naive.get('slope_bytes_per_token', float('nan')):,.0f} | "
-            f"{r['ours']['slope_bytes_per_token']:,.0f} | {floor['device_bytes_per_token']:,.0f} + "
-            f"{floor['host_bytes_per_token']:,.0f} | {r['ours_over_floor']:.2f} | {r.get('naive_over_ours', float('nan')):.1f} | "
-            f"{naive.get('longest_under_cap_extrapolated')} | {r['ours']['longest_under_cap_extrapolated']} |")
+            f"| {r['layers']} | {_figure(naive.get('slope_bytes_per_token'))} | "
+            f"{_figure(r['ours']['slope_bytes_per_token'])} | {_figure(floor['device_bytes_per_token'])} + "
+            f"{_figure(floor['host_bytes_per_token'])} | {_figure(r['ours_over_floor'], '.2f')} | "
+            f"{_figure(r.get('naive_over_ours'), '.1f')} | {_figure(naive.get('longest_under_cap_extrapolated'), ',')} | "
+            f"{_figure(r['ours']['longest_under_cap_extrapolated'], ',')} |")
     whole = summary.get("whole_model")
     if whole:
-        lines.append(f"| {whole['layers']} (extrapolated) | | {whole['slope_bytes_per_token']:,.0f} | "
-                     f"{whole['floor']['device_bytes_per_token']:,.0f} + {whole['floor']['host_bytes_per_token']:,.0f} | "
-                     f"{whole['ours_over_floor']:.2f} | | | {whole['longest_under_cap']} |")
-    terms = summary["runs"][-1]["floor"]["terms_bytes_per_token"]
-    lines.append("")
-    lines.append(f"floor terms at {summary['runs'][-1]['layers']} layers (bytes per token, / sp_size): "
-                 + ", ".join(f"{name} {value:,.1f}" for name, value in terms.items()))
+        lines.append(f"| {whole['layers']} (extrapolated) | | {_figure(whole['slope_bytes_per_token'])} | "
+                     f"{_figure(whole['floor']['device_bytes_per_token'])} + {_figure(whole['floor']['host_bytes_per_token'])} | "
+                     f"{_figure(whole['ours_over_floor'], '.2f')} | | | {_figure(whole['longest_under_cap'], ',')} |")
+    last = summary["runs"][-1]
+    lines += ["", f"floor terms at {last['layers']} layers (bytes per token of the whole sequence, / sp_size): "
+              + ", ".join(f"{name} {value:,.1f}" for name, value in last["floor"]["terms_bytes_per_token"].items())]
     return "\n".join(lines)
 
 

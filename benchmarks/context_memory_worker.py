@@ -13,7 +13,6 @@ length), then one step per length on a synthetic packed row (one document) throu
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 import warnings
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.measure import PeakMemory
+from benchmarks.measure import PeakMemory, release
 
 
 def synthetic_row(seq_len: int, vocab_size: int) -> dict:
@@ -38,7 +37,12 @@ def synthetic_row(seq_len: int, vocab_size: int) -> dict:
 def measure_layers(params, model_dir: str, lengths: list[int], warmup_len: int, device: torch.device) -> dict:
     from omnilong.parallel.mesh import build_mesh
     from omnilong.train.batches import collate
-    from omnilong.train.runner import SequenceParallel, StageRun, build_engine, train_step
+    from omnilong.train.runner import (
+        SequenceParallel,
+        StageRun,
+        build_engine,
+        train_step,
+    )
 
     stage = params.stages["stage1"]
     mesh = build_mesh(stage, device.type)
@@ -59,16 +63,17 @@ def measure_layers(params, model_dir: str, lengths: list[int], warmup_len: int, 
     for seq_len in lengths:
         meter.reset()
         started = time.perf_counter()
-        step(seq_len)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        try:
+            step(seq_len)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except torch.OutOfMemoryError:  # one GPU, one rank: nothing waits on it; longer lengths would not fit
+            rows.append({"seq_len": seq_len, "error": "oom"})
+            break
         seconds = time.perf_counter() - started
         rows.append({"seq_len": seq_len, "peak_bytes": meter.peak_above_baseline(), "seconds": seconds})
     engine.destroy()
-    del engine, hf_ds_config
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del hf_ds_config  # kept alive until here: transformers reads it while ZeRO-3 is in use
     return {"rows": rows}
 
 
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         raw = {**spec["params"], "model": {**spec["params"]["model"], "path": model_dir}}
         params = parse_params(raw, source=str(args.spec))
         results[layers] = measure_layers(params, model_dir, spec["lengths"], spec["warmup_len"], device)
+        release(device)  # this layer count's engine is gone: its memory too
     rank = dist.get_rank()
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()

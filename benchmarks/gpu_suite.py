@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.measure import PeakMemory, free_port
+from benchmarks.measure import PeakMemory, free_port, release
 from benchmarks.model_shapes import QWEN2_5_7B, TOY, decoder_config
 
 H200_BF16_SPEC_TFLOPS = 989.0
@@ -144,14 +144,6 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def _release(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------- parts
 
 def part_environment(ctx: Context) -> dict:
@@ -231,7 +223,7 @@ def part_ring_attention(ctx: Context) -> dict:
                     failures.append(f"{record['dtype']} P={sp_size} {name}: {str(exc).splitlines()[0]}")
             checks.append(record)
             del got, expected, q, k, v, dout
-            _release(ctx.device)
+            release(ctx.device)
     timings = _ring_timings(ctx, inputs, scale)
     return {"heads": [heads, kv_heads, head_dim], "tolerances": {str(k).removeprefix("torch."): v for k, v in TOLERANCES.items()},
             "checks": checks, "check_failures": failures, "ok": not failures, "timings": timings}
@@ -280,14 +272,14 @@ def _ring_timings(ctx: Context, inputs, scale: float) -> list[dict]:
             except Exception as exc:  # noqa: BLE001  (an OOM or a kernel refusal is a figure too)
                 row[f"{name}_error"] = "oom" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
             q.grad = k.grad = v.grad = None
-            _release(ctx.device)
+            release(ctx.device)
         for baseline in ("sdpa", "sdpa_any"):
             if "ours_seconds" in row and f"{baseline}_seconds" in row:
                 row[f"time_ratio_ours_over_{baseline}"] = row["ours_seconds"] / row[f"{baseline}_seconds"]
                 row[f"memory_ratio_ours_over_{baseline}"] = row["ours_peak_mib"] / max(row[f"{baseline}_peak_mib"], 1e-9)
         rows.append(row)
         q = k = v = dout = None  # freed before the next case's inputs
-        _release(ctx.device)
+        release(ctx.device)
     return rows
 
 
@@ -344,7 +336,7 @@ def part_kernel_probe(ctx: Context) -> dict:
             results[name] = probe()
         except Exception as exc:  # noqa: BLE001
             results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        _release(ctx.device)
+        release(ctx.device)
     return results
 
 
@@ -393,14 +385,14 @@ def part_chunked_loss(ctx: Context) -> dict:
             except Exception as exc:  # noqa: BLE001
                 row[f"{name}_error"] = "oom" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
             hidden.grad = weight.grad = None
-            _release(ctx.device)
+            release(ctx.device)
         for name in impls:
             if name != "ours" and f"{name}_seconds" in row and "ours_seconds" in row:
                 row[f"memory_ratio_{name}_over_ours"] = row[f"{name}_peak_mib"] / row["ours_peak_mib"]
                 row[f"time_ratio_ours_over_{name}"] = row["ours_seconds"] / row[f"{name}_seconds"]
         rows.append(row)
         hidden = labels = None  # freed before the next length's inputs
-        _release(ctx.device)
+        release(ctx.device)
     accuracy = rows[0]["accuracy"]
     return {"hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."), "carried": carried,
             "rows": rows, "ok": all(err <= LOSS_TOLERANCE for err in accuracy["ours"].values())}
@@ -421,7 +413,7 @@ def _loss_accuracy(impls: dict, hidden: torch.Tensor, labels: torch.Tensor, weig
     for name, impl in impls.items():
         got = run(lambda h, y, w, impl=impl: impl(h, y, weight=w), hidden.dtype)
         report[name] = {part: _relative_error(g, e) for part, g, e in zip(("loss", "grad_hidden", "grad_weight"), got, expected)}
-        _release(hidden.device)
+        release(hidden.device)
     return report
 
 
@@ -515,7 +507,7 @@ def part_training_step(ctx: Context, peak_tflops: float | None) -> dict:
         except Exception as exc:  # noqa: BLE001
             row["error"] = "oom" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
-        _release(ctx.device)
+        release(ctx.device)
     fits = [r for r in rows if "peak_mib" in r]
     result = {"layers": layers, "dtype": str(dtype).removeprefix("torch."), "finetune": "lora",
               "trained_matmul_weights": trained, "frozen_matmul_weights": frozen, "rows": rows}
@@ -553,7 +545,7 @@ def run_suite(ctx: Context, parts: tuple[str, ...]) -> dict:
         print(line, flush=True)
         with log.open("a") as handle:
             handle.write(line + "\n")
-        _release(ctx.device)
+        release(ctx.device)
     summary = {"benchmark": "gpu_suite", "part": "summary", "device": str(ctx.device),
                "ok": {part: results[part]["ok"] for part in parts},
                "seconds": {part: results[part]["part_seconds"] for part in parts}}
