@@ -181,6 +181,7 @@ def naive_rows(config, lengths: list[int], warmup_len: int, device: torch.device
                 torch.cuda.synchronize()
             rows.append({"seq_len": seq_len, "peak_bytes": meter.peak_above_baseline(),
                          "seconds": time.perf_counter() - started})
+            print(f"naive: {rows[-1]}", file=sys.stderr, flush=True)  # a long run's progress
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             rows.append({"seq_len": seq_len, "error": "oom"})
@@ -243,9 +244,10 @@ def ours_rows(params_raw: dict, model_dirs: dict[int, str], lengths: list[int], 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                "-m", "benchmarks.context_memory_worker", "--spec", str(spec), "--out", str(work)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # The ranks' stderr (their progress, and any traceback) goes to ours; their stdout is DeepSpeed's chatter.
+    result = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, timeout=timeout, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"ours: torchrun failed ({result.returncode}):\n{result.stderr[-5000:]}")
+        raise RuntimeError(f"ours: torchrun failed with exit status {result.returncode} (the ranks' stderr is above)")
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(world)]
     merged = {}
     for layers in model_dirs:

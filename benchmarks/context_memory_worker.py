@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -72,6 +73,7 @@ def measure_layers(params, model_dir: str, lengths: list[int], warmup_len: int, 
             break
         seconds = time.perf_counter() - started
         rows.append({"seq_len": seq_len, "peak_bytes": meter.peak_above_baseline(), "seconds": seconds})
+        print(f"[rank {dist.get_rank()}] ours: {rows[-1]}", file=sys.stderr, flush=True)  # a long run's progress
     engine.destroy()
     del hf_ds_config  # kept alive until here: transformers reads it while ZeRO-3 is in use
     return {"rows": rows}

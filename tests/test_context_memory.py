@@ -21,6 +21,7 @@ from benchmarks.context_memory import (
     linear_fit,
     longest_under,
     ours_params,
+    parse_args,
     parse_train_options,
 )
 from benchmarks.model_shapes import QWEN2_5_7B, TOY
@@ -94,6 +95,16 @@ def test_train_options_nest_and_reach_the_params_validation():
     with pytest.raises(ConfigError, match="no_such_option"):
         ours_params(REPO / "params.yaml", world=2, sp_size=2, seq_len=64, finetune="full", precision="fp32",
                     train_options={"no_such_option": 1})
+
+
+def test_the_gpu_variant_is_selected_by_flags():
+    args = parse_args(["--shapes", "7b", "--dtype", "bf16", "--finetune", "lora", "--layers", "2,4",
+                       "--lengths", "131072,262144,524288", "--sp-size", "1", "--cap-gib", "139",
+                       "--offload-activations"])
+    assert (args.shapes, args.dtype, args.finetune, args.layers) == ("7b", "bf16", "lora", [2, 4])
+    assert args.extrapolate_layers == 28 and args.lengths == [131072, 262144, 524288]
+    with pytest.raises(SystemExit):
+        parse_args(["--lengths", "1002", "--sp-size", "2"])  # not a multiple of 2 x sp_size
 
 
 @pytest.mark.slow
