@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.measure import PeakMemory, free_port
+from benchmarks.measure import PeakMemory, free_port, release
+from benchmarks.model_shapes import QWEN2_5_7B, TOY, decoder_config
 
 H200_BF16_SPEC_TFLOPS = 989.0
 REPO = Path(__file__).resolve().parents[1]
@@ -81,9 +82,7 @@ GPU_SIZES = Sizes(
     attn_packed_case=(32768, 64),
     loss_hidden_vocab=(3584, 152064),
     loss_lens=(16384, 32768, 65536, 131072),
-    # Qwen2.5-7B's language model
-    model_shapes={"hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
-                  "intermediate_size": 18944, "vocab_size": 152064},
+    model_shapes=QWEN2_5_7B,
     model_layers=4,
     model_lens=(32768, 65536, 131072),
 )
@@ -97,8 +96,7 @@ QUICK_SIZES = Sizes(
     attn_packed_case=(512, 8),
     loss_hidden_vocab=(64, 1000),
     loss_lens=(256, 512),
-    model_shapes={"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "intermediate_size": 128, "vocab_size": 1000},
+    model_shapes=TOY,
     model_layers=2,
     model_lens=(256, 512),
 )
@@ -144,14 +142,6 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _release(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -233,7 +223,7 @@ def part_ring_attention(ctx: Context) -> dict:
                     failures.append(f"{record['dtype']} P={sp_size} {name}: {str(exc).splitlines()[0]}")
             checks.append(record)
             del got, expected, q, k, v, dout
-            _release(ctx.device)
+            release(ctx.device)
     timings = _ring_timings(ctx, inputs, scale)
     return {"heads": [heads, kv_heads, head_dim], "tolerances": {str(k).removeprefix("torch."): v for k, v in TOLERANCES.items()},
             "checks": checks, "check_failures": failures, "ok": not failures, "timings": timings}
@@ -282,14 +272,14 @@ def _ring_timings(ctx: Context, inputs, scale: float) -> list[dict]:
             except Exception as exc:  # noqa: BLE001  (an OOM or a kernel refusal is a figure too)
                 row[f"{name}_error"] = "oom" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
             q.grad = k.grad = v.grad = None
-            _release(ctx.device)
+            release(ctx.device)
         for baseline in ("sdpa", "sdpa_any"):
             if "ours_seconds" in row and f"{baseline}_seconds" in row:
                 row[f"time_ratio_ours_over_{baseline}"] = row["ours_seconds"] / row[f"{baseline}_seconds"]
                 row[f"memory_ratio_ours_over_{baseline}"] = row["ours_peak_mib"] / max(row[f"{baseline}_peak_mib"], 1e-9)
         rows.append(row)
         q = k = v = dout = None  # freed before the next case's inputs
-        _release(ctx.device)
+        release(ctx.device)
     return rows
 
 
@@ -346,7 +336,7 @@ def part_kernel_probe(ctx: Context) -> dict:
             results[name] = probe()
         except Exception as exc:  # noqa: BLE001
             results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        _release(ctx.device)
+        release(ctx.device)
     return results
 
 
@@ -395,14 +385,14 @@ def part_chunked_loss(ctx: Context) -> dict:
             except Exception as exc:  # noqa: BLE001
                 row[f"{name}_error"] = "oom" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
             hidden.grad = weight.grad = None
-            _release(ctx.device)
+            release(ctx.device)
         for name in impls:
             if name != "ours" and f"{name}_seconds" in row and "ours_seconds" in row:
                 row[f"memory_ratio_{name}_over_ours"] = row[f"{name}_peak_mib"] / row["ours_peak_mib"]
                 row[f"time_ratio_ours_over_{name}"] = row["ours_seconds"] / row[f"{name}_seconds"]
         rows.append(row)
         hidden = labels = None  # freed before the next length's inputs
-        _release(ctx.device)
+        release(ctx.device)
     accuracy = rows[0]["accuracy"]
     return {"hidden": hidden_size, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."), "carried": carried,
             "rows": rows, "ok": all(err <= LOSS_TOLERANCE for err in accuracy["ours"].values())}
@@ -423,7 +413,7 @@ def _loss_accuracy(impls: dict, hidden: torch.Tensor, labels: torch.Tensor, weig
     for name, impl in impls.items():
         got = run(lambda h, y, w, impl=impl: impl(h, y, weight=w), hidden.dtype)
         report[name] = {part: _relative_error(g, e) for part, g, e in zip(("loss", "grad_hidden", "grad_weight"), got, expected)}
-        _release(hidden.device)
+        release(hidden.device)
     return report
 
 
@@ -452,21 +442,6 @@ def part_zero3_step(ctx: Context) -> dict:
     return record
 
 
-def _decoder_config(ctx: Context, layers: int):
-    from transformers import Qwen2_5_VLConfig
-
-    shapes = ctx.sizes.model_shapes
-    head_dim = shapes["hidden_size"] // shapes["num_attention_heads"]
-    quarter = head_dim // 8
-    text = {**shapes, "num_hidden_layers": layers, "max_window_layers": layers, "max_position_embeddings": 1 << 20,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                "mrope_section": [quarter, (head_dim // 2 - quarter) // 2,
-                                                  head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]}}
-    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-              "out_hidden_size": shapes["hidden_size"], "fullatt_block_indexes": [0]}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
-
-
 def _matmul_weights(model) -> tuple[int, int]:
     """(trained, frozen) weights of the decoder layers' and LM head's matmuls."""
     trained = frozen = 0
@@ -493,7 +468,7 @@ def part_training_step(ctx: Context, peak_tflops: float | None) -> dict:
 
     layers = ctx.sizes.model_layers
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
-    config = _decoder_config(ctx, layers)
+    config = decoder_config(ctx.sizes.model_shapes, layers)
     torch.manual_seed(0)
     with ctx.device:  # initialised where it trains: the weights never exist on the host
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
@@ -532,7 +507,7 @@ def part_training_step(ctx: Context, peak_tflops: float | None) -> dict:
         except Exception as exc:  # noqa: BLE001
             row["error"] = "oom" if _is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
-        _release(ctx.device)
+        release(ctx.device)
     fits = [r for r in rows if "peak_mib" in r]
     result = {"layers": layers, "dtype": str(dtype).removeprefix("torch."), "finetune": "lora",
               "trained_matmul_weights": trained, "frozen_matmul_weights": frozen, "rows": rows}
@@ -570,7 +545,7 @@ def run_suite(ctx: Context, parts: tuple[str, ...]) -> dict:
         print(line, flush=True)
         with log.open("a") as handle:
             handle.write(line + "\n")
-        _release(ctx.device)
+        release(ctx.device)
     summary = {"benchmark": "gpu_suite", "part": "summary", "device": str(ctx.device),
                "ok": {part: results[part]["ok"] for part in parts},
                "seconds": {part: results[part]["part_seconds"] for part in parts}}

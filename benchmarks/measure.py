@@ -58,6 +58,11 @@ def _trim_heap() -> None:
         pass
 
 
+def release(device: torch.device) -> None:
+    """Free what the dropped objects held: Python's cycles, and the CUDA allocator's cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def free_port() -> int:

@@ -73,6 +73,9 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if resolve_precision(train, on_gpu) == "bf16" else torch.float32
     model = load_model(run.init_dir, dtype=dtype, rope_theta=params.model.rope_theta)
+    # from_pretrained returns eval mode, where transformers' layers skip activation checkpointing
+    # (and dropout, LoRA's included): a model that trains is in training mode.
+    model.train()
     if ring_attention:
         from omnilong.parallel.hf_adapter import register_ring_attention
 
