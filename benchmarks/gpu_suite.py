@@ -19,7 +19,9 @@ run), one JSON line per part on stdout and in DIR/gpu_suite.jsonl, then a summar
   off) training the bundle's tiny model on its packed rows (make gpu-bundle);
 - `training_step`: a Qwen2.5-7B-shaped language model cut to a few layers, LoRA, bf16, built on
   the GPU, one training step through our path (ring attention at P = 1, chunked loss,
-  activation checkpointing) at 32K-128K tokens: tokens/s, MFU and peak memory per length.
+  activation checkpointing) at 32K-128K tokens: tokens/s, MFU and peak memory per length;
+- `context_memory`: benchmarks/context_memory.py (memory per token against the floor the shapes
+  force, the longest trainable length extrapolated to 28 layers) at the settings above.
 
 MFU counts 6N FLOPs per token for trained weights and 4N for frozen ones (N: the decoder
 layers' and the LM head's matmul weights; LoRA's own weights are trained), plus causal attention
@@ -520,7 +522,26 @@ def part_training_step(ctx: Context, peak_tflops: float | None) -> dict:
     return result
 
 
-PARTS = ("environment", "matmul_peak", "ring_attention", "kernel_probe", "chunked_loss", "zero3_step", "training_step")
+PARTS = ("environment", "matmul_peak", "ring_attention", "kernel_probe", "chunked_loss", "zero3_step", "training_step",
+         "context_memory")
+# On one GPU: Qwen2.5-7B's language model with LoRA in bf16 at 2 and 4 layers, tiled MLPs and
+# offloaded checkpoints, lengths that fit the suite's minutes (the benchmark's own default
+# reaches 512K); extrapolated by the benchmark to 28 layers and labelled so.
+CONTEXT_MEMORY_GPU = ["--shapes", "7b", "--finetune", "lora", "--dtype", "bf16", "--layers", "2,4",
+                      "--lengths", "65536,131072", "--naive-lengths", "16384,32768", "--offload-activations",
+                      "--train-option", "tiled_mlp.enabled=true"]
+
+
+def part_context_memory(ctx: Context) -> dict:
+    """benchmarks/context_memory.py in its own processes (it starts torchrun); its JSON line."""
+    line_file = ctx.out / "context_memory.json"
+    args = ["--quick"] if ctx.sizes is QUICK_SIZES else CONTEXT_MEMORY_GPU
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.context_memory", *args, "--out", str(line_file)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        return {"ok": False, "returncode": result.returncode, "stderr_tail": result.stderr[-3000:]}
+    return {"args": args, "result": json.loads(line_file.read_text())}
 
 
 def run_suite(ctx: Context, parts: tuple[str, ...]) -> dict:

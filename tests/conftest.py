@@ -230,3 +230,31 @@ def video_clip_row(
         "doc_lens": torch.tensor([len(document)]),
         "videos": [clip.model_copy(update={"path": str(path)})],
     }
+
+
+@pytest.fixture(scope="session")
+def gpu_suite_quick(tiny_prepared, tmp_path_factory) -> dict:
+    """The GPU suite's records (by part) from one run of its CPU mode. Its ZeRO-3 part trains in a
+    project laid out as `make gpu-bundle` lays it out, made from the session's prepared tiny one."""
+    import json
+
+    import yaml
+
+    from benchmarks.gpu_bundle import one_gpu_params
+
+    params, root = tiny_prepared("qwen2_5_vl")
+    raw = params.model_dump(mode="json")
+    for key in ("raw_dir", "tokenized_dir", "packed_dir"):
+        raw["data"][key] = str(root / raw["data"][key])
+    raw["model"]["path"] = str(root / raw["model"]["path"])
+    bundle = tmp_path_factory.mktemp("gpu_bundle")
+    (bundle / "project").mkdir()
+    (bundle / "project" / "params.yaml").write_text(yaml.safe_dump(one_gpu_params(raw)))
+    out = tmp_path_factory.mktemp("gpu_suite")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_suite", "--quick", "--device", "cpu", "--out", str(out),
+         "--bundle", str(bundle)],
+        cwd=REPO, env=project_env(REPO), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return {record["part"]: record for record in map(json.loads, (out / "gpu_suite.jsonl").read_text().splitlines())}

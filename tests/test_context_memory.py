@@ -7,10 +7,6 @@ shapes hidden 3,584, 28 heads, 4 K/V heads (head dim 128), bf16, sp_size 1, 28 l
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -108,12 +104,9 @@ def test_the_gpu_variant_is_selected_by_flags():
 
 
 @pytest.mark.slow
-def test_quick_run_measures_both_paths_and_prints_one_json_line():
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "benchmarks.context_memory", "--quick"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-5000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+def test_quick_run_measures_both_paths_and_prints_one_json_line(gpu_suite_quick):
+    """`--quick`, as the GPU suite's CPU mode runs it (one run shared with tests/test_gpu_suite.py)."""
+    summary = gpu_suite_quick["context_memory"]["result"]
     assert summary["benchmark"] == "context_memory" and summary["sp_size"] == 2 and summary["dtype"] == "fp32"
     assert [run["layers"] for run in summary["runs"]] == [1, 2]
     for run in summary["runs"]:
