@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.measure import PeakMemory, emit_summary, free_port, release
+from benchmarks.measure import emit_summary, free_port, peak_per_length, release
 from benchmarks.model_shapes import FULL_LAYERS, SHAPES, decoder_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,21 +171,8 @@ def naive_rows(config, lengths: list[int], warmup_len: int, device: torch.device
         optimizer.zero_grad(set_to_none=True)
 
     step(warmup_len)  # the optimizer's states are made once, not per length
-    meter, rows = PeakMemory(device), []
-    for seq_len in lengths:
-        meter.reset()
-        started = time.perf_counter()
-        try:
-            step(seq_len)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            rows.append({"seq_len": seq_len, "peak_bytes": meter.peak_above_baseline(),
-                         "seconds": time.perf_counter() - started})
-            print(f"naive: {rows[-1]}", file=sys.stderr, flush=True)  # a long run's progress
-        except torch.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
-            rows.append({"seq_len": seq_len, "error": "oom"})
-            break
+    rows = peak_per_length(step, lengths, device, "naive")
+    optimizer.zero_grad(set_to_none=True)  # an out-of-memory step may have left gradients
     return rows
 
 

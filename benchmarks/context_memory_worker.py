@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.measure import PeakMemory, release
+from benchmarks.measure import peak_per_length, release
 
 
 def synthetic_row(seq_len: int, vocab_size: int) -> dict:
@@ -60,20 +58,8 @@ def measure_layers(params, model_dir: str, lengths: list[int], warmup_len: int, 
         train_step(engine, [batch], family, device, sp)
 
     step(warmup_len)
-    meter, rows = PeakMemory(device), []
-    for seq_len in lengths:
-        meter.reset()
-        started = time.perf_counter()
-        try:
-            step(seq_len)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        except torch.OutOfMemoryError:  # one GPU, one rank: nothing waits on it; longer lengths would not fit
-            rows.append({"seq_len": seq_len, "error": "oom"})
-            break
-        seconds = time.perf_counter() - started
-        rows.append({"seq_len": seq_len, "peak_bytes": meter.peak_above_baseline(), "seconds": seconds})
-        print(f"[rank {dist.get_rank()}] ours: {rows[-1]}", file=sys.stderr, flush=True)  # a long run's progress
+    # One GPU, one rank: nothing waits on a rank that ran out of memory.
+    rows = peak_per_length(step, lengths, device, f"[rank {dist.get_rank()}] ours")
     engine.destroy()
     del hf_ds_config  # kept alive until here: transformers reads it while ZeRO-3 is in use
     return {"rows": rows}

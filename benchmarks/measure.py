@@ -65,6 +65,29 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def peak_per_length(step, lengths: list[int], device: torch.device, label: str) -> list[dict]:
+    """`step(seq_len)` once per length, each with its peak memory and time; the first length
+    that does not fit ends the list with an `oom` row (longer ones would not fit either)."""
+    import sys
+    import time
+
+    meter, rows = PeakMemory(device), []
+    for seq_len in lengths:
+        meter.reset()
+        started = time.perf_counter()
+        try:
+            step(seq_len)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            rows.append({"seq_len": seq_len, "error": "oom"})
+            break
+        rows.append({"seq_len": seq_len, "peak_bytes": meter.peak_above_baseline(),
+                     "seconds": time.perf_counter() - started})
+        print(f"{label}: {rows[-1]}", file=sys.stderr, flush=True)  # a long run's progress
+    return rows
+
+
 def free_port() -> int:
     """A TCP port free on loopback now, for a process group's rendezvous or a server."""
     with socket.socket() as sock:
