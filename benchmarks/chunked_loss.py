@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import PeakMemory, emit_summary
+from benchmarks.measure import PeakMemory, emit_summary, sync
 from omnilong.loss import auto_chunk_tokens, linear_cross_entropy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,11 +111,6 @@ def make_inputs(variant: Variant) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_variant(variant: Variant) -> dict:
     """Inputs, warm-up, then one measured forward+backward; returns the figures."""
     device = torch.device(variant.device)
@@ -142,7 +137,7 @@ def run_variant(variant: Variant) -> dict:
         hidden.grad, weight.grad = None, None
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         loss_sum = loss_and_backward(hidden, labels)
-        _sync(device)
+        sync(device)
         return loss_sum, time.perf_counter() - wall_start, time.process_time() - cpu_start
 
     meter = PeakMemory(device)

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -97,8 +98,6 @@ def write_project(project: Path, repo: Path) -> None:
 
 
 def _env() -> dict:
-    import os
-
     return {**os.environ, "DVC_NO_ANALYTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.measure import PeakMemory, free_port, release
+from benchmarks.measure import PeakMemory, free_port, release, sync
 from benchmarks.model_shapes import QWEN2_5_7B, TOY, decoder_config
 
 H200_BF16_SPEC_TFLOPS = 989.0
@@ -119,25 +119,20 @@ class Context:
     bundle: Path
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> tuple[float, int]:
     """(median seconds of `fn` after one warm-up call, peak memory bytes of one call)."""
     meter = PeakMemory(device)
     fn()
-    _sync(device)
+    sync(device)
     meter.reset()
     fn()
-    _sync(device)
+    sync(device)
     peak = meter.peak_above_baseline()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2], peak
 

@@ -27,8 +27,8 @@ class PeakMemory:
 
     def reset(self) -> None:
         gc.collect()
+        sync(self.device)
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.baseline = torch.cuda.memory_allocated()
             return
@@ -58,6 +58,12 @@ def _trim_heap() -> None:
         pass
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer or a peak reading sees all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def release(device: torch.device) -> None:
     """Free what the dropped objects held: Python's cycles, and the CUDA allocator's cache."""
     gc.collect()
@@ -77,8 +83,7 @@ def peak_per_length(step, lengths: list[int], device: torch.device, label: str) 
         started = time.perf_counter()
         try:
             step(seq_len)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
         except torch.OutOfMemoryError:
             rows.append({"seq_len": seq_len, "error": "oom"})
             break
