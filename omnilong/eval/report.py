@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 from omnilong import atomic
 from omnilong.config import Params
+from omnilong.digest import json_digest
 from omnilong.eval.heldout import evaluate_models
-from omnilong.eval.suite import evaluate_model, evaluation_settings, settings_digest
+from omnilong.eval.suite import evaluate_model, evaluation_settings
 from omnilong.infer.prefill import from_first_rank
 from omnilong.tracking.registry import REGISTRATION_FILE
 from omnilong.tracking.runs import create_run
@@ -41,7 +42,7 @@ def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *
     settings = evaluation_settings(params)
     # Also points MLflow at the project's store, where the gate finds the registered models.
     run_id = create_run(params, run_name, {"omnilong.evaluation": "heldout+niah+vniah+videomme",
-                                           "omnilong.eval.settings_digest": settings_digest(settings)})
+                                           "omnilong.eval.settings_digest": json_digest(settings)})
     gate = params.eval.gate
     registration = models[gate.candidate].parent / REGISTRATION_FILE if gate.candidate in models else None
     decision = None
@@ -95,7 +96,7 @@ def _gate(params: Params, registration: dict, metrics: dict[str, float], setting
         return _score_champion(params, Path(model_dir), group)[metric]
 
     return promote_if_not_worse(registration["name"], str(registration["version"]), metrics[metric], metric=metric,
-                                digest=settings_digest(settings), score_model=score_champion)
+                                digest=json_digest(settings), score_model=score_champion)
 
 
 def _score_champion(params: Params, model_dir: Path, group: dist.ProcessGroup | None) -> dict[str, float]:

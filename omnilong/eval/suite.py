@@ -7,7 +7,6 @@ metrics they give are returned (and written to `out_dir/metrics.json`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -23,10 +22,6 @@ def evaluation_settings(params: Params) -> dict:
     video tokenisation. Recorded with every gate score."""
     return {"eval": params.eval.model_dump(mode="json", exclude={"heldout_documents", "sp_size"}),
             "video": params.model.video.model_dump(mode="json")}
-
-
-def settings_digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def vniah_haystack(params: Params, root: Path = Path(".")) -> Path:

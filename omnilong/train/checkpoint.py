@@ -20,13 +20,10 @@ import torch.distributed as dist
 from omnilong.config import Params, StageName
 from omnilong.data.pack import scheduled_dir
 from omnilong.data.shards import read_index
+from omnilong.digest import json_digest
 
 KEEP_CHECKPOINTS = 2
 ABSENT = "(absent)"
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _flat(prefix: str, value: Any) -> dict[str, Any]:
@@ -60,10 +57,10 @@ def resume_inputs(params: Params, stage: StageName, init_dir: Path, world_size: 
     split = read_index(packed_dir).heldout_split
     split_inputs = None if split is None else {
         **split.model_dump(mode="json", exclude={"documents", "document_ids"}),
-        "documents": _digest(split.document_ids),
+        "documents": json_digest(split.document_ids),
     }
     packed = {
-        f"len{seq_len}": _digest(read_index(
+        f"len{seq_len}": json_digest(read_index(
             packed_dir if seq_len == stage_params.seq_len else scheduled_dir(packed_dir, seq_len)
         ).model_dump(mode="json"))
         for seq_len in stage_params.packed_lengths
