@@ -35,6 +35,14 @@ counts, fixed and slope are fitted linearly in layers and extrapolated to the wh
 (`--extrapolate-layers`, default the named model's depth), labelled so; with activation offload
 the host's `--host-cap-gib` bounds that length too.
 
+Which phase of the step sets the peak: the decoder layers' backward (the floor's terms: a
+recomputed layer, the checkpoints, the loss's hidden gradient) grows fastest with the tokens; the
+loss's phase holds more fixed memory (under ZeRO-3 the LM head's weight gathered, in full
+fine-tuning its float32 gradient, at Qwen2-0.5B's vocabulary 519 MiB each) and fewer tokens'
+worth. Below the length where the two cross, the step's peak is the loss's, and its slope is
+not the layers' per-token cost. `--vocab-size` moves that crossing: the per-token terms and the
+floor stay the same, the head's fixed memory shrinks.
+
 `--quick`: toy shapes, layers 1,2, short lengths (tests/test_context_memory.py), under a minute.
 """
 
@@ -110,14 +118,27 @@ def longest_under(cap_bytes: float, fixed: float, slope: float, multiple: int) -
 
 
 def fitted(rows: list[dict], cap_bytes: float, multiple: int) -> dict:
-    """The rows with their fit; a path that ran out of memory below two lengths has no fit."""
+    """The rows with their fit; a path that ran out of memory below two lengths has no fit.
+
+    The slope is `resolved` when the growth it predicts over the measured lengths is positive and
+    at least twice the fit's RMS residual: otherwise the peaks did not grow beyond their own
+    scatter (the fixed part set the peak at every length, see the module docstring), and no
+    per-token figure, ratio or longest length is read off it."""
     measured = [r for r in rows if "peak_bytes" in r]
     if len({r["seq_len"] for r in measured}) < 2:
-        return {"rows": rows, "fixed_bytes": None, "slope_bytes_per_token": None,
-                "longest_under_cap_extrapolated": None}
-    fixed, slope = linear_fit([r["seq_len"] for r in measured], [r["peak_bytes"] for r in measured])
-    return {"rows": rows, "fixed_bytes": fixed, "slope_bytes_per_token": slope,
-            "longest_under_cap_extrapolated": longest_under(cap_bytes, fixed, slope, multiple)}
+        return {"rows": rows, "fixed_bytes": None, "slope_bytes_per_token": None, "slope_resolved": False,
+                "residual_bytes": None, "longest_under_cap_extrapolated": None}
+    lengths, peaks = [r["seq_len"] for r in measured], [r["peak_bytes"] for r in measured]
+    fixed, slope = linear_fit(lengths, peaks)
+    residual = (sum((peak - fixed - slope * n) ** 2 for n, peak in zip(lengths, peaks)) / len(peaks)) ** 0.5
+    resolved = slope > 0 and slope * (max(lengths) - min(lengths)) >= 2 * residual
+    return {"rows": rows, "fixed_bytes": fixed, "slope_bytes_per_token": slope, "slope_resolved": resolved,
+            "residual_bytes": residual,
+            "longest_under_cap_extrapolated": longest_under(cap_bytes, fixed, slope, multiple) if resolved else None}
+
+
+def resolved_slope(fit: dict) -> float | None:
+    return fit["slope_bytes_per_token"] if fit["slope_resolved"] else None
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -268,6 +289,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Toy shapes, layers 1,2, short lengths (the CPU test).")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="Language-model shapes (default 0.5b).")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="Replace the shapes' vocabulary. The floor per token does not depend on it; the "
+                             "fixed memory of the loss's phase does (see the module docstring).")
     parser.add_argument("--layers", type=_ints, default=None, help="Decoder layer counts, e.g. 2,4 (default 4).")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="Default: bf16 on GPU, fp32 on CPU.")
     parser.add_argument("--finetune", choices=("full", "lora"), default="full")
@@ -310,7 +334,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     dtype_bytes = 2 if args.dtype == "bf16" else 4
-    shapes = SHAPES[args.shapes]
+    shapes = {**SHAPES[args.shapes], **({"vocab_size": args.vocab_size} if args.vocab_size else {})}
     world = args.sp_size  # one sequence-parallel group: every rank shares the one row
     cap, host_cap, multiple = args.cap_gib * GIB, args.host_cap_gib * GIB, 2 * args.sp_size
     train_options = parse_train_options(args.train_option)
@@ -334,13 +358,12 @@ def run(args: argparse.Namespace) -> dict:
         for layers in args.layers:
             floor = floor_at(layers)
             record = {"layers": layers, "floor": floor, "ours": fitted(ours[layers], cap, multiple)}
-            record["ours_over_floor"] = _ratio(record["ours"]["slope_bytes_per_token"], floor["device_bytes_per_token"])
+            record["ours_over_floor"] = _ratio(resolved_slope(record["ours"]), floor["device_bytes_per_token"])
             if not args.skip_naive:
                 rows = naive_rows(configs[layers], args.naive_lengths, warmup_len, device, dtype, args.finetune)
                 release(device)  # the naive model of this layer count is gone: its memory too
                 record["naive"] = fitted(rows, cap, 2)
-                record["naive_over_ours"] = _ratio(record["naive"]["slope_bytes_per_token"],
-                                                   record["ours"]["slope_bytes_per_token"])
+                record["naive_over_ours"] = _ratio(resolved_slope(record["naive"]), resolved_slope(record["ours"]))
             runs.append(record)
     summary = {
         "benchmark": "context_memory", "device": str(device), "quick": args.quick,
@@ -348,7 +371,7 @@ def run(args: argparse.Namespace) -> dict:
         "sp_size": args.sp_size, "train_options": train_options, "cap_gib": args.cap_gib,
         "naive_lengths": [] if args.skip_naive else args.naive_lengths, "lengths": args.lengths, "runs": runs,
     }
-    if len(args.layers) >= 2 and all(r["ours"]["slope_bytes_per_token"] is not None for r in runs):
+    if len(args.layers) >= 2 and all(r["ours"]["slope_resolved"] for r in runs):
         summary["whole_model"] = extrapolate_layers({r["layers"]: r["ours"] for r in runs}, args.extrapolate_layers,
                                                     floor_at, cap, host_cap, multiple)
     summary["seconds"] = time.perf_counter() - started
@@ -377,6 +400,13 @@ def table(summary: dict) -> str:
         lines.append(f"| {whole['layers']} (extrapolated) | | {_figure(whole['slope_bytes_per_token'])} | "
                      f"{_figure(whole['floor']['device_bytes_per_token'])} + {_figure(whole['floor']['host_bytes_per_token'])} | "
                      f"{_figure(whole['ours_over_floor'], '.2f')} | | | {_figure(whole['longest_under_cap'], ',')} |")
+    for r in summary["runs"]:
+        for path in ("naive", "ours"):
+            fit = r.get(path)
+            if fit and fit["slope_bytes_per_token"] is not None and not fit["slope_resolved"]:
+                lines.append(f"\n{path} at {r['layers']} layers: slope not resolved (the peaks did not grow beyond "
+                             f"their scatter, RMS residual {fit['residual_bytes'] / 2**20:,.0f} MiB): the fixed part "
+                             "set the peak at every length; no per-token figure is read off it")
     last = summary["runs"][-1]
     lines += ["", f"floor terms at {last['layers']} layers (bytes per token of the whole sequence, / sp_size): "
               + ", ".join(f"{name} {value:,.1f}" for name, value in last["floor"]["terms_bytes_per_token"].items())]

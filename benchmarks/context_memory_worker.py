@@ -14,23 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from benchmarks.measure import peak_per_length, release
-
-
-def synthetic_row(seq_len: int, vocab_size: int) -> dict:
-    """A packed row holding one document of `seq_len` random tokens (the same on every rank)."""
-    generator = torch.Generator().manual_seed(seq_len)
-    input_ids = torch.randint(0, vocab_size, (seq_len,), generator=generator)
-    labels = input_ids.clone()
-    labels[0] = -100  # the packer masks a document's first token
-    return {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(seq_len),
-            "doc_lens": torch.tensor([seq_len])}
+from omnilong.torch_compat import silence_deprecated_collective_names
+from omnilong.train.synthetic_rows import synthetic_row
 
 
 def measure_layers(params, model_dir: str, lengths: list[int], warmup_len: int, device: torch.device) -> dict:
@@ -44,7 +35,7 @@ def measure_layers(params, model_dir: str, lengths: list[int], warmup_len: int, 
     )
 
     stage = params.stages["stage1"]
-    mesh = build_mesh(stage, device.type)
+    mesh = build_mesh(stage, timeout_s=params.parallel.timeout_s)
     sp = (SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp_size, params.parallel.ring_attention)
           if mesh.sp_size > 1 else None)
     run = StageRun("stage1", Path(model_dir), Path(model_dir) / "unused_out", Path(model_dir) / "unused_ckpt")
@@ -66,17 +57,17 @@ def measure_layers(params, model_dir: str, lengths: list[int], warmup_len: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    silence_deprecated_collective_names()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     spec = json.loads(args.spec.read_text())
 
-    from omnilong.config import parse_params
+    from omnilong.config import ParallelParams, parse_params
     from omnilong.train.runner import init_distributed
 
-    device = init_distributed()
+    device = init_distributed(ParallelParams.model_validate(spec["params"].get("parallel", {})).timeout_s)
     results = {}
     for layers, model_dir in spec["model_dirs"].items():
         raw = {**spec["params"], "model": {**spec["params"]["model"], "path": model_dir}}

@@ -1,13 +1,11 @@
-"""What every benchmark does the same way: peak memory above a baseline, its JSON line, a port.
+"""What every benchmark does the same way: peak memory per length, its JSON line, a port.
 
-Peak memory: on CPU the kernel's high-water mark of resident memory (VmHWM), reset to the
-current RSS (VmRSS) by writing "5" to /proc/self/clear_refs after a garbage collection and a
-heap trim, so it follows the tensors a call makes; on GPU the CUDA allocator's peak.
+Peak memory (`PeakMemory`, `sync`) is the library's (omnilong/train/peak_memory.py): the probe
+measures with it too.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import socket
@@ -16,52 +14,9 @@ from pathlib import Path
 import torch
 
 from omnilong.atomic import write_text
+from omnilong.train.peak_memory import PeakMemory, sync
 
-
-class PeakMemory:
-    """Peak memory above a baseline taken at `reset()`: VmHWM on CPU, the CUDA allocator on GPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.baseline = 0
-
-    def reset(self) -> None:
-        gc.collect()
-        sync(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-            return
-        _trim_heap()
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        self.baseline = _proc_status_bytes("VmRSS")
-
-    def peak_above_baseline(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated() - self.baseline
-        return _proc_status_bytes("VmHWM") - self.baseline
-
-
-def _proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            value, unit = line.split()[1:3]
-            assert unit == "kB", line
-            return int(value) * 1024
-    raise RuntimeError(f"/proc/self/status: no {key} line (peak RSS needs Linux)")
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: freed heap may stay mapped
-        pass
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a timer or a peak reading sees all of it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+__all__ = ["PeakMemory", "emit_summary", "free_port", "peak_per_length", "release", "sync"]
 
 
 def release(device: torch.device) -> None:

@@ -4,7 +4,8 @@ dvc.yaml is the one DAG definition. A variant names only its final DVC stage; th
 stage and everything upstream of it, in dependency order, each running `dvc repro <stage>`. So
 a flow run and a plain `dvc repro` share caching, the lock file and lineage, and a stage whose
 inputs did not change is skipped by DVC rather than re-run. A retried training task resumes
-from its stage's last DeepSpeed checkpoint (kept outside DVC's outputs).
+from its stage's last DeepSpeed checkpoint (kept outside DVC's outputs) and continues the
+stage's MLflow run, which the failed attempt's task marked FAILED (omnilong/tracking/attempts.py).
 
 One MLflow parent run per flow run: the training stages and the evaluation nest their runs
 under it, and after each training task the parent records the registered model version the
@@ -27,8 +28,10 @@ from prefect.context import get_run_context
 
 from omnilong.config import STAGE_NAMES, Params, load_params, parse_params
 from omnilong.data.shards import read_index
+from omnilong.tracking import attempts
 from omnilong.tracking.registry import REGISTRATION_FILE
 from omnilong.tracking.runs import PARENT_RUN_ENV, create_run
+from omnilong.tracking.secrets import redact_uri
 from omnilong.tracking.store import tracking_uri
 
 # The final DVC stage of each pipeline variant; the rest follows from dvc.yaml.
@@ -57,10 +60,25 @@ def _stream(command: list[str], repo_root: Path, env: dict[str, str]) -> None:
         raise RuntimeError(f"`{' '.join(command[2:])}` exited with {proc.returncode}")
 
 
-@task(retries=2, retry_delay_seconds=5, task_run_name="dvc repro {stage}")
+@task(retries=2, retry_delay_seconds=5, task_run_name="{name}")
+def stage_task(name: str, command: list[str], repo_root: Path, parent_run_id: str) -> None:
+    """Run one stage's command, retried. Every attempt is handed this task run's id, with which a
+    training stage tags its MLflow run (and a retry finds it); when an attempt fails, its run is
+    marked FAILED before Prefect retries."""
+    task_run = get_run_context().task_run
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, attempts.TASK_RUN_ENV: str(task_run.id)}
+    try:
+        _stream(command, repo_root, env)
+    except Exception as error:
+        failed = attempts.mark_failed(parent_run_id, str(task_run.id), str(error))
+        if failed:
+            get_run_logger().warning(f"MLflow run {failed} marked FAILED (try {task_run.run_count})")
+        raise
+
+
 def repro_stage(stage: str, repo_root: Path, parent_run_id: str) -> None:
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    _stream(command, repo_root, {**os.environ, PARENT_RUN_ENV: parent_run_id})
+    stage_task(f"dvc repro {stage}", command, repo_root, parent_run_id)
 
 
 def link_registered_model(stage: str, repo_root: Path, parent_run_id: str) -> dict:
@@ -122,8 +140,11 @@ def omnilong_pipeline(
                 node = node.setdefault(part, {})
             node[leaf] = value
         parse_params(patched, source="overrides")
-        # The experiment runs in a copy of the project: it must track into this project's store.
-        overrides = {"tracking.uri": tracking_uri(params.tracking, repo_root), **overrides}
+        # The experiment runs in a copy of the project: it must track into this project's store
+        # (a tracking.uri of the user's own already points there, and may hold a secret DVC
+        # would record with the experiment).
+        if not params.tracking.uri:
+            overrides = {"tracking.uri": tracking_uri(params.tracking, repo_root), **overrides}
         name = f"{variant}-{get_run_context().flow_run.name}"
         run_experiment(name, VARIANT_TARGETS[variant], overrides, repo_root, parent_run_id)
         MlflowClient().set_terminated(parent_run_id)
@@ -150,7 +171,7 @@ def omnilong_pipeline(
         f"V-NIAH and VideoMME results and plots)\n"
         + ("ablation report: runs/ablation/ablation.md\n" if variant == "no-stage2" else "")
         + f"MLflow parent run {parent_run_id}; browse with `make ui` "
-        f"(mlflow ui --backend-store-uri {tracking_uri(params.tracking, repo_root)})"
+        f"(mlflow ui --backend-store-uri {redact_uri(tracking_uri(params.tracking, repo_root))})"
     )
 
 

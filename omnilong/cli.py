@@ -33,8 +33,14 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _load(path: Path, *, check_paths: bool = False) -> Params:
+    """With `check_paths`, the model directory is checked against the parameters too."""
     try:
-        return load_params(path, check_paths=check_paths)
+        params = load_params(path, check_paths=check_paths)
+        if check_paths:
+            from omnilong.models.model_dir import check_model_dir
+
+            check_model_dir(params, base=path.parent)
+        return params
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
 
@@ -102,9 +108,13 @@ def data_synth(
 def data_prepare(params: ParamsOption = Path("params.yaml")) -> None:
     """Tokenise every stage's corpora with the model's own tokenizer."""
     cfg = _load(params, check_paths=True)
-    from omnilong.data.prepare import prepare_corpora
+    from omnilong.data.prepare import PrepareError, prepare_corpora
+    from omnilong.data.schemas import RecordError
 
-    prepare_corpora(cfg)
+    try:
+        prepare_corpora(cfg)
+    except (PrepareError, RecordError) as exc:
+        raise _fail(str(exc), 1) from None
 
 
 @data_app.command("pack")
@@ -115,9 +125,13 @@ def data_pack(
     """Pack a stage's tokenized documents into fixed-length shards."""
     name = _stage_name(stage)
     cfg = _load(params)
-    from omnilong.data.pack import pack_stage
+    from omnilong.data.pack import PackError, pack_stage
+    from omnilong.data.prepare import PrepareError
 
-    pack_stage(cfg, name)
+    try:
+        pack_stage(cfg, name)
+    except (PackError, PrepareError) as exc:
+        raise _fail(str(exc), 1) from None
 
 
 @data_app.command("add")
@@ -153,14 +167,55 @@ def train(
     """Train one stage under torchrun with DeepSpeed ZeRO-3."""
     name = _stage_name(stage)
     cfg = _load(params)
-    from omnilong.train.launch import default_init, launch, runner_args
+    from omnilong.tracking.store import TrackingUnreachable
+    from omnilong.train.disk_space import DiskSpaceError
+    from omnilong.train.launch import default_init, launch, preflight, runner_args
 
     suffix = f"-{variant}" if variant else ""
-    args = runner_args(
-        name, params, init or default_init(cfg, name), out or Path("runs") / f"{name}{suffix}",
-        checkpoints or Path("checkpoints") / f"{name}{suffix}", variant,
-    )
-    raise typer.Exit(launch(cfg, args))
+    init = init or default_init(cfg, name)
+    out = out or Path("runs") / f"{name}{suffix}"
+    checkpoints = checkpoints or Path("checkpoints") / f"{name}{suffix}"
+    try:
+        preflight(cfg, name, init, out, checkpoints)
+    except (TrackingUnreachable, DiskSpaceError) as exc:
+        raise _fail(str(exc), 1) from None
+    raise typer.Exit(launch(cfg, runner_args(name, params, init, out, checkpoints, variant)))
+
+
+@app.command("probe")
+def probe(
+    stage: Annotated[Optional[list[str]], typer.Option(
+        help="1, 2, 3 or stage1..stage3; repeat for several (default: every stage).")] = None,
+    cap_gib: Annotated[Optional[float], typer.Option(
+        help="Memory each rank may hold, GiB: required on CPU (peak resident memory); on GPU a cap below "
+             "the device's memory.")] = None,
+    min_seq_len: Annotated[Optional[int], typer.Option(
+        min=1, help="Where the search starts (default: the shortest row; rounded up to a multiple of 2 x sp_size).")] = None,
+    max_seq_len: Annotated[Optional[int], typer.Option(
+        min=1, help="Where it stops (default: 4 x the stage's seq_len; rounded down).")] = None,
+    out: Annotated[Path, typer.Option(help="Directory for probe.json, probe.md and the trials' logs.")] = Path("runs/probe"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """The longest seq_len each stage's settings train at on this machine, found by real training steps.
+
+    Each trial is a fresh torchrun job that builds the stage's engine and trains a warm-up and a
+    measured step on synthetic rows; the lengths are bisected over multiples of 2 x sp_size.
+    """
+    names = [_stage_name(name) for name in stage or STAGE_NAMES]
+    cfg = _load(params)
+    import torch
+
+    from omnilong.probe.main import probe_and_report
+    from omnilong.probe.run import ProbeError, ProbeSettings, TrialError, cap_bytes
+
+    on_gpu = torch.cuda.is_available()
+    try:
+        settings = ProbeSettings(out, cap_bytes(cap_gib, on_gpu), min_seq_len, max_seq_len)
+        probe_and_report(cfg, params, names, settings, on_gpu, Console())
+    except ProbeError as exc:
+        raise _fail(str(exc), 2) from None
+    except TrialError as exc:
+        raise _fail(str(exc), 1) from None
 
 
 @app.command("evaluate")
@@ -177,23 +232,27 @@ def evaluate(
     With `eval.sp_size` > 1 the prompts are prefilled sequence-parallel by that many torchrun ranks.
     """
     cfg = _load(params)
-    from omnilong.tracking.registry import resolve_model_dir
+    from omnilong.tracking.store import TrackingUnreachable, check_reachable
     from omnilong.train.launch import torchrun, under_torchrun
 
+    try:  # before any model is loaded: the results go to the tracking server
+        check_reachable(cfg.tracking)
+    except TrackingUnreachable as exc:
+        raise _fail(str(exc), 1) from None
     models: dict[str, Path] = {}
     for item in model:
         label, sep, source = item.partition("=") if "=" in item.split(":/")[0] else ("", "", item)
         if sep and (not label or not source):
             raise _fail(f"--model: expected DIR, models:/NAME@ALIAS or LABEL=..., given {item!r}", 2)
         label = label or source.rstrip("/").split("@")[-1].split("/")[-1]
-        models[label] = resolve_model_dir(source, cfg.tracking)
+        models[label] = _resolve_model(source, cfg)
     if cfg.eval.sp_size > 1 and not under_torchrun():
         resolved = [f"{label}={directory}" for label, directory in models.items()]
         raise typer.Exit(torchrun("omnilong.cli", _command_line(ctx, model=resolved), cfg.eval.sp_size))
     from omnilong.eval.report import evaluate_and_track
     from omnilong.infer.prefill import inference_group
 
-    with inference_group(cfg.eval.sp_size) as group:
+    with inference_group(cfg.eval.sp_size, cfg.parallel.timeout_s) as group:
         evaluate_and_track(cfg, models, out, run_name=name, group=group)
 
 
@@ -211,6 +270,18 @@ def report_ablation(
     try:
         ablation_report(cfg, full, ablation, out)
     except (FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc), 1) from None
+
+
+def _resolve_model(model: str, cfg: Params) -> Path:
+    """A model directory, or the download of the registry URI `model` (exit 1 naming it when the
+    tracking server does not answer or holds no such model)."""
+    from omnilong.tracking.registry import ModelNotFound, resolve_model_dir
+    from omnilong.tracking.store import TrackingUnreachable
+
+    try:
+        return resolve_model_dir(model, cfg.tracking)
+    except (ModelNotFound, TrackingUnreachable) as exc:
         raise _fail(str(exc), 1) from None
 
 
@@ -244,6 +315,7 @@ def generate(
     With `eval.sp_size` > 1 the prompt is prefilled sequence-parallel by that many torchrun ranks.
     """
     cfg = _load(params)
+    model_dir = _resolve_model(model, cfg)
     import torch.distributed as dist
     from pydantic import ValidationError
 
@@ -252,7 +324,6 @@ def generate(
     from omnilong.eval.answering import Question, VideoQuery
     from omnilong.infer.generate import ModelAnswerer
     from omnilong.infer.prefill import inference_group
-    from omnilong.tracking.registry import resolve_model_dir
     from omnilong.train.launch import torchrun, under_torchrun
 
     query = None
@@ -265,11 +336,10 @@ def generate(
         query = VideoQuery(video, sampling, start, end)
     if cfg.eval.sp_size > 1 and not under_torchrun():
         # The ranks load the model the registry URI names from one download.
-        model_dir = resolve_model_dir(model, cfg.tracking)
         raise typer.Exit(torchrun("omnilong.cli", _command_line(ctx, model=model_dir), cfg.eval.sp_size))
-    with inference_group(cfg.eval.sp_size) as group:
+    with inference_group(cfg.eval.sp_size, cfg.parallel.timeout_s) as group:
         try:
-            answerer = ModelAnswerer(resolve_model_dir(model, cfg.tracking), cfg.model.video, sp_group=group,
+            answerer = ModelAnswerer(model_dir, cfg.model.video, sp_group=group,
                                      ring_backend=cfg.parallel.ring_attention)
             answer = answerer.answer(Question([{"role": "user", "content": question}], query, max_new_tokens))
         except (FileNotFoundError, VideoReadError, ValueError) as exc:

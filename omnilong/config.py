@@ -196,6 +196,13 @@ class ParallelParams(_Params):
     ring_attention: RingBackend = "torch"
     """Ring attention backend when sp_size > 1: `torch` (PyTorch kernels, CPU and GPU) or
     `ring_flash_attn` (the ring-flash-attn package, GPU with flash-attn only, experimental)."""
+    timeout_s: Annotated[float, Field(gt=0)] = 900
+    """Seconds a rank waits in a collective for its peers before the job fails (a peer hung or
+    died), naming the rank, the step and the collective; torch's own defaults are 30 min (gloo)
+    and 10 min (NCCL), and a hang then names neither. 15 minutes: a rank never waits alone on a
+    peer for that long in a healthy run (the longest such wait is a peer writing its checkpoint
+    shard or the exported model), and a hang costs the job at most that long before the retry.
+    Not a resume input: raising it resumes a stage that timed out."""
 
     @property
     def world_size(self) -> int:
@@ -234,6 +241,9 @@ class TrainParams(_Params):
     micro_batch_size: PositiveInt = 1
     grad_accum_steps: PositiveInt = 1
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    max_nonfinite_steps: PositiveInt = 3
+    """A step whose loss or gradient norm is NaN or inf on any rank updates nothing (counted,
+    logged); this many such steps in a row stop the stage with an error."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto`: bf16 on GPU, fp32 on CPU."""
     offload_optimizer: bool = False
@@ -247,6 +257,8 @@ class TrainParams(_Params):
     tiled_mlp: TiledMLPParams = TiledMLPParams()
     checkpoint_every: PositiveInt = 10
     """Optimizer steps between DeepSpeed checkpoints (one is always written at the end)."""
+    keep_checkpoints: PositiveInt = 2
+    """Complete checkpoints kept (the newest); older ones are deleted once a new one is complete."""
     seed: int = 0
 
     @model_validator(mode="after")

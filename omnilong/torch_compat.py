@@ -22,3 +22,11 @@ def reduce_scatter_single(output: torch.Tensor, input: torch.Tensor, group: dist
     """The sum over ranks of `input`, split along dim 0; this rank's part into `output`."""
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     scatter(output, input, group=group)
+
+
+def silence_deprecated_collective_names() -> None:
+    """DeepSpeed's ZeRO-3 fetches call the collectives torch 2.13 deprecated (all_gather_into_tensor,
+    reduce_scatter_tensor) on every step; their warning would bury a rank's own log."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

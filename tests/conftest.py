@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue as queue_module
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,18 @@ def run_ranks(worker, world: int, *args, timeout: float = 300) -> list:
     processes = [context.Process(target=worker, args=(rank, port, *args, queue)) for rank in range(world)]
     for process in processes:
         process.start()
-    results = sorted((queue.get(timeout=timeout) for _ in range(world)), key=lambda result: result[0])
+    results, deadline = [], time.monotonic() + timeout
+    while len(results) < world:
+        # A rank that died (an exception in the worker) fails the test now, not at the timeout.
+        dead = [rank for rank, process in enumerate(processes) if process.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            for process in processes:
+                process.kill()
+            raise AssertionError(f"rank(s) {dead} exited with an error (see their stderr above)" if dead
+                                 else f"the ranks did not all report within {timeout} s")
+        with contextlib.suppress(queue_module.Empty):
+            results.append(queue.get(timeout=1))
+    results.sort(key=lambda result: result[0])
     for process in processes:
         process.join(timeout=120)
         assert process.exitcode == 0
@@ -204,16 +218,16 @@ def video_clip_row(
     import torch
 
     from omnilong.config import FrameSampling, VideoTokenParams
-    from omnilong.data.prepare import _video_clip, _VideoContext
+    from omnilong.data.prepare import VideoContext, video_clip
     from omnilong.data.video_frames import sample_frames, video_info
     from omnilong.models.positions import position_ids_for_document
     from omnilong.train.batches import video_token_id
 
     token_id = video_token_id(family, model_config)
-    context = _VideoContext(family, model_config, VideoTokenParams(), FrameSampling(num_frames=num_frames),
+    context = VideoContext(family, model_config, VideoTokenParams(), FrameSampling(num_frames=num_frames),
                             token_id, path.parent)
     info = video_info(path)
-    clip = _video_clip(context, "doc", path, info, sample_frames(info, context.video_frames), len(text_before))
+    clip = video_clip(context, "doc", path, info, sample_frames(info, context.video_frames), len(text_before))
     document = torch.tensor(text_before + [token_id] * clip.num_tokens + text_after)
     padding = -len(document) % seq_len_multiple
     grid = torch.tensor([clip.grid_thw]) if clip.grid_thw else None

@@ -43,7 +43,7 @@ def _worker(rank: int, port: int, model_dir: str, queue) -> None:
     for name in ("stage1", "stage2", "stage3"):
         raw["stages"][name]["sp_size"] = 1
     params = parse_params(raw)
-    device = init_distributed()
+    device = init_distributed(timeout_s=300)
     run = StageRun("stage1", Path(model_dir), Path(model_dir) / "out", Path(model_dir) / "ckpt")
     engine, _, hf_ds_config = build_engine(params, run, device, ring_attention=False)
     calls = [0]

@@ -4,14 +4,15 @@ changed inputs named. (tests/test_train_stage.py runs it under torchrun.)"""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from omnilong.config import parse_params
 from omnilong.data.pack import pack_stage, scheduled_dir
+from omnilong.train import checkpoint
 from omnilong.train.checkpoint import changed_inputs, resume, resume_inputs
 from tests.test_pack import hand_documents, hand_params, write_hand_stage
 
@@ -45,6 +46,8 @@ def test_seed_parallel_layout_and_world_size_are_resume_inputs(packed):
     assert changed_by(raw, lambda raw: raw.update(seed=99)) == ["seed changed: 1234 -> 99"]
     assert changed_by(raw, lambda raw: raw["parallel"].update(nproc_per_node=4)) == [
         "parallel.nproc_per_node changed: 2 -> 4"]
+    # How long a collective waits does not change the weights: a stage that timed out resumes with a longer one.
+    assert changed_by(raw, lambda raw: raw["parallel"].update(timeout_s=60)) == []
     assert changed_by(raw, lambda raw: raw["stages"]["stage1"].update(sp_size=2)) == [
         "stages.stage1.sp_size changed: 1 -> 2"]
     assert changed_by(raw, lambda raw: None, world_size=1) == ["world_size changed: 2 -> 1"]
@@ -71,14 +74,14 @@ def test_heldout_split_and_every_scheduled_length_are_resume_inputs(packed):
 
 
 class RecordingEngine:
-    """What `resume` asks of a DeepSpeed engine: load a tag."""
+    """What `resume` asks of a DeepSpeed engine: load a tag (this rank's client state back)."""
 
     def __init__(self):
         self.loaded = []
 
     def load_checkpoint(self, directory, tag):
         self.loaded.append(tag)
-        return directory, {"next_step": 2}
+        return directory, {"next_step": int(tag.removeprefix("step")), "rng": f"rng of {tag}"}
 
 
 @pytest.fixture
@@ -88,31 +91,71 @@ def one_rank():
     dist.destroy_process_group()
 
 
-def write_checkpoint(ckpt_dir: Path, client_state: dict) -> None:
-    (ckpt_dir / "step0000002").mkdir(parents=True)
-    torch.save(client_state, ckpt_dir / "step0000002" / "mp_rank_00_model_states.pt")
-    (ckpt_dir / "latest").write_text("step0000002")
+def write_checkpoint(ckpt_dir: Path, manifest: dict, step: int = 2, complete: bool = True) -> Path:
+    """A checkpoint of two ranks' files as DeepSpeed writes them; published (its manifest) if `complete`."""
+    tag_dir = ckpt_dir / f"step{step:07d}"
+    tag_dir.mkdir(parents=True)
+    for rank in range(2):
+        (tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"x" * (10 + rank))
+    if complete:
+        checkpoint._publish(tag_dir, {**manifest, "next_step": step})
+    return tag_dir
 
 
 def test_changed_inputs_set_the_checkpoints_aside_and_name_the_change(tmp_path, one_rank, capsys):
     inputs = {"seed": 1234, "world_size": 2}
     ckpt_dir = tmp_path / "checkpoints" / "stage1"
-    write_checkpoint(ckpt_dir, {"resume_inputs": inputs, "next_step": 2})
+    write_checkpoint(ckpt_dir, {"resume_inputs": inputs})
     engine = RecordingEngine()
-    assert resume(engine, ckpt_dir, inputs=inputs) == {"next_step": 2}
+    resumed = resume(engine, ckpt_dir, inputs=inputs)
+    assert resumed["next_step"] == 2 and resumed["rng"] == "rng of step0000002"
     assert engine.loaded == ["step0000002"]
 
     for attempt in (1, 2):
         assert resume(engine, ckpt_dir, inputs={**inputs, "seed": 1235}) is None
         stale = tmp_path / "checkpoints" / f"stage1.stale-{attempt}"
-        assert (stale / "step0000002" / "mp_rank_00_model_states.pt").is_file() and not ckpt_dir.exists()
+        assert (stale / "step0000002" / checkpoint.MANIFEST).is_file() and not ckpt_dir.exists()
         assert f"set aside as {stale}: seed changed: 1234 -> 1235" in capsys.readouterr().out
-        write_checkpoint(ckpt_dir, {"resume_inputs": inputs, "next_step": 2})
+        write_checkpoint(ckpt_dir, {"resume_inputs": inputs})
     assert (tmp_path / "checkpoints" / "stage1.stale-1").is_dir()  # an earlier set-aside is kept
     assert engine.loaded == ["step0000002"]
 
     # A checkpoint of an older OmniLong stored only a hash of its inputs.
     ckpt_dir.rename(tmp_path / "kept")
-    write_checkpoint(ckpt_dir, {"fingerprint": "0123456789abcdef", "next_step": 2})
+    write_checkpoint(ckpt_dir, {"fingerprint": "0123456789abcdef"})
     assert resume(engine, ckpt_dir, inputs=inputs) is None
     assert "records no inputs" in capsys.readouterr().out
+
+
+def test_resume_passes_over_incomplete_and_damaged_checkpoints(tmp_path, one_rank, capsys):
+    """Only a published checkpoint whose files are all there at their sizes is resumed: the newest
+    such one, each newer one named with what is wrong."""
+    inputs = {"seed": 1234}
+    ckpt_dir = tmp_path / "checkpoints"
+    write_checkpoint(ckpt_dir, {"resume_inputs": inputs}, step=2)
+    truncated = write_checkpoint(ckpt_dir, {"resume_inputs": inputs}, step=4)
+    (truncated / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"x")
+    unpublished = write_checkpoint(ckpt_dir, {"resume_inputs": inputs}, step=6, complete=False)
+    (ckpt_dir / "latest").write_text(unpublished.name)  # as DeepSpeed writes it before its last barrier
+    engine = RecordingEngine()
+    assert resume(engine, ckpt_dir, inputs=inputs)["next_step"] == 2
+    assert engine.loaded == ["step0000002"]
+    out = capsys.readouterr().out
+    assert f"{ckpt_dir}: resuming from step0000002, passing over: {unpublished}: incomplete (no complete.json" in out
+    assert (f"{truncated}: zero_pp_rank_1_mp_rank_00_model_states.pt has 1 bytes, complete.json says 11") in out
+
+    for tag_dir in (truncated, unpublished):
+        shutil.rmtree(tag_dir)
+    (ckpt_dir / "step0000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    assert resume(engine, ckpt_dir, inputs=inputs) is None
+    assert "zero_pp_rank_0_mp_rank_00_model_states.pt is missing" in capsys.readouterr().out
+
+
+def test_publishing_keeps_the_newest_complete_checkpoints(tmp_path, one_rank):
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        write_checkpoint(ckpt_dir, {}, step=step)
+    write_checkpoint(ckpt_dir, {}, step=8, complete=False)
+    checkpoint._prune(ckpt_dir, keep=2)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step0000004", "step0000006"]
+    assert (ckpt_dir / "latest").read_text() == "step0000006"

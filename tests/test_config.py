@@ -23,7 +23,7 @@ def _set(path: str, value):
     def mutate(doc):
         *parents, leaf = path.split(".")
         for key in parents:
-            doc = doc[key]
+            doc = doc.setdefault(key, {})
         doc[leaf] = value
 
     return mutate
@@ -54,6 +54,7 @@ BAD_FILES = [
     (_set("model.famly", "qwen2_5_vl"), "model.famly", "unknown key"),
     (_set("model.family", "llama"), "model.family", "'qwen2_5_vl' or 'llava_onevision'"),
     (_set("parallel.nproc_per_node", "two"), "parallel.nproc_per_node", "valid integer"),
+    (_set("parallel.timeout_s", 0), "parallel.timeout_s", "greater than 0"),
     (_delete("stages.stage3.video_frames"), "stages.stage3.video_frames", "video stage"),
     (_set("stages.stage1.video_frames", {"num_frames": 8}), "stages.stage1.video_frames", "trains on text"),
     (_set("stages.stage3.video_frames", {"num_frames": 8, "fps": 2}), "stages.stage3.video_frames.num_frames",

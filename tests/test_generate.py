@@ -24,9 +24,9 @@ from omnilong.data.pack import pack_stage
 from omnilong.data.prepare import (
     DocumentEntry,
     TokenizedDocument,
-    _video_clip,
-    _VideoContext,
+    VideoContext,
     chat_document,
+    video_clip,
     video_document,
     write_tokenized,
 )
@@ -104,10 +104,10 @@ def training_positions(model_dir: Path, answerer: ModelAnswerer, prompt: Prompt,
     token_ids = torch.cat([prompt.input_ids, torch.tensor(answer_ids)]).numpy().astype(np.int32)
     length = len(token_ids)
     token_id = video_token_id(family, config)
-    context = _VideoContext(family, config, answerer.video, FrameSampling(num_frames=LONG_VIDEO_FRAMES),
+    context = VideoContext(family, config, answerer.video, FrameSampling(num_frames=LONG_VIDEO_FRAMES),
                             token_id, work_dir)
     info = video_info(video_path)
-    clip = _video_clip(context, "chat", video_path, info, sample_frames(info, context.video_frames),
+    clip = video_clip(context, "chat", video_path, info, sample_frames(info, context.video_frames),
                        token_offset=int((prompt.input_ids == token_id).nonzero()[0]))
     stage = {"seq_len": 2 * length + 2 * 4, "sp_size": 1}
     params = parse_params({
@@ -223,7 +223,7 @@ def test_training_trains_the_answer_after_the_prompt_generate_feeds(tiny_model_d
     messages = [Message(role="user", content=question_text), Message(role="assistant", content=answer_text)]
     if with_video:
         token_id = video_token_id(family, config)
-        context = _VideoContext(family, config, answerer.video, sampling, token_id, tmp_path)
+        context = VideoContext(family, config, answerer.video, sampling, token_id, tmp_path)
         record = VideoRecord(id="chat", video=video_file.name, messages=messages)
         token_ids, trainable, _ = video_document(tokenizer, record, video_file.parent, context)
         token_ids, trainable = token_ids.tolist(), trainable.tolist()

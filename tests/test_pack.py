@@ -16,6 +16,7 @@ from omnilong.data import pack
 from omnilong.data.pack import IGNORE_INDEX, PackError, Piece, heldout_dir, pack_stage, plan_rows, scheduled_dir
 from omnilong.data.prepare import (
     DocumentEntry,
+    PrepareError,
     SkippedDocument,
     TokenizedDocument,
     write_tokenized,
@@ -379,18 +380,77 @@ def test_failure_mid_pack_leaves_the_previous_output_intact(tmp_path, monkeypatc
     assert sorted(p.name for p in packed.parent.iterdir()) == ["stage1"]
 
 
-def test_unreadable_index_names_the_file(tmp_path):
+def _packed_index(tmp_path) -> tuple[Path, dict]:
+    """A small stage packed: its index file and what it holds, to be edited by the test."""
     params = hand_params(tmp_path)
     write_hand_stage(params, "stage1", hand_documents([10, 20]))
     pack_stage(params, "stage1")
     index_path = Path(params.data.packed_dir) / "stage1" / "index.json"
-    index = json.loads(index_path.read_text())
+    return index_path, json.loads(index_path.read_text())
+
+
+def test_unreadable_index_names_the_file(tmp_path):
+    index_path, index = _packed_index(tmp_path)
     index["num_rows"] += 1
     index_path.write_text(json.dumps(index))
     with pytest.raises(PackedShardsError, match=str(index_path)):
         PackedShards(index_path.parent)
     with pytest.raises(PackedShardsError, match="not found"):
         PackedShards(tmp_path / "nowhere")
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last element's low bit: same size, same header, a different value
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_or_truncated_shard_file_is_refused_naming_it(tmp_path):
+    params = hand_params(tmp_path)
+    write_hand_stage(params, "stage1", hand_documents([60] * 4))  # 3 training rows: 3 shards
+    pack_stage(params, "stage1", rows_per_shard=1)
+    stage_dir = Path(params.data.packed_dir) / "stage1"
+    PackedShards(stage_dir)  # verifies: intact
+
+    labels = stage_dir / "shards" / "00001" / "labels.npy"
+    _flip_a_byte(labels)
+    with pytest.raises(PackedShardsError, match=rf"{labels}: CRC-32 [0-9a-f]{{8}}, expected [0-9a-f]{{8}}.*"
+                                                 r"run `omnilong data pack`"):
+        PackedShards(stage_dir)
+    labels.write_bytes(labels.read_bytes()[:-4])
+    with pytest.raises(PackedShardsError, match=rf"{labels}: \d+ bytes, expected \d+"):
+        PackedShards(stage_dir)
+
+
+def test_a_packed_index_without_checksums_is_refused(tmp_path):
+    """An index of format 2 (before checksums): refused rather than read unchecked."""
+    index_path, index = _packed_index(tmp_path)
+    index["format_version"] = 2
+    for shard in index["shards"]:
+        del shard["files"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(PackedShardsError, match=rf"{index_path}: packed index format 2, this OmniLong reads "
+                                                 r"format 3 .* run `omnilong data pack`"):
+        PackedShards(index_path.parent)
+
+
+def test_a_corrupt_tokenized_file_or_an_old_tokenized_index_is_refused_by_pack(tmp_path):
+    params = hand_params(tmp_path)
+    write_hand_stage(params, "stage1", hand_documents([10, 20, 30]))
+    tokenized = Path(params.data.tokenized_dir) / "stage1"
+    tokens = tokenized / "tokens.bin"
+    _flip_a_byte(tokens)
+    with pytest.raises(PrepareError, match=rf"{tokens}: CRC-32 .* run `omnilong data prepare` again"):
+        pack_stage(params, "stage1")
+
+    write_hand_stage(params, "stage1", hand_documents([10, 20, 30]))
+    index_path = tokenized / "index.json"
+    index = json.loads(index_path.read_text())
+    index["format_version"] = 1
+    del index["files"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(PrepareError, match=rf"{index_path}: tokenized index format 1, this OmniLong reads format 2"):
+        pack_stage(params, "stage1")
 
 
 # --- the real prepare output of a tiny synthesised corpus -------------------------------------------

@@ -165,8 +165,8 @@ def ring_worker(rank: int, world_size: int) -> dict:
 def mesh_checks(rank: int) -> dict:
     """World 4 as 2 (dp) x 2 (sp): groups, and ring attention on a sub-group with global rank peers."""
     with pytest.raises(ValueError, match=r"sp_size: expected a divisor of the world size 4, given 3"):
-        build_mesh(StageParams(seq_len=96, sp_size=3))
-    mesh = build_mesh(StageParams(seq_len=64, sp_size=2))
+        build_mesh(StageParams(seq_len=96, sp_size=3), timeout_s=60)
+    mesh = build_mesh(StageParams(seq_len=64, sp_size=2), timeout_s=60)
     members = {}
     for name, group in (("sp", mesh.sp_group), ("dp", mesh.dp_group)):
         gathered = [torch.zeros(1, dtype=torch.long) for _ in range(2)]

@@ -15,18 +15,24 @@ from tests.conftest import video_clip_row
 from tests.test_models_video_inputs import random_frames
 
 
+def three_video_rows(directory, config, first_token: int) -> list[dict]:
+    """Three rows of one 8-frame video each (`video<N>.mp4` in `directory`), their prompts starting
+    with `first_token` + N."""
+    rows = []
+    for number in range(3):
+        path = directory / f"video{number}.mp4"
+        encode_mp4(list(random_frames(8, 64, 64, seed=number)), path, fps=4)
+        rows.append(video_clip_row(path, "qwen2_5_vl", config, 8, [first_token + number, 21], [22, 23]))
+    return rows
+
+
 @pytest.fixture(scope="module")
 def rows_and_config(tmp_path_factory, tiny_model_dir):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir("qwen2_5_vl"))
     directory = tmp_path_factory.mktemp("step_batches")
-    rows = []
-    for number in range(3):
-        path = directory / f"video{number}.mp4"
-        encode_mp4(list(random_frames(8, 64, 64, seed=number)), path, fps=4)
-        rows.append(video_clip_row(path, "qwen2_5_vl", config, 8, [20 + number, 21], [22, 23]))
-    return rows, config, directory
+    return three_video_rows(directory, config, 20), config, directory
 
 
 def _steps(rows, config, sp_rank: int = 0, sp_size: int = 1, micro_batch_size_at=lambda step: 1,

@@ -1,4 +1,5 @@
-"""Sequence-tiled MLPs (omnilong/train/tiling.py) against the untiled model: outputs, gradients, memory.
+"""Sequence-tiled MLPs and RMSNorms (omnilong/train/tiling.py) against the untiled model: outputs,
+gradients, memory.
 
 Tolerances. fp32 outputs: 1e-6 relative (each token's MLP is the same arithmetic, tiled or not).
 fp32 gradients: tiles sum the weight gradients tile by tile, in another order than one matmul
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from omnilong.config import LoraParams
-from omnilong.train.tiling import tile_count, tile_mlps
+from omnilong.train.tiling import tile_count, tile_mlps_and_norms
 from tests.test_chunked_loss import largest_tensor_during
 
 FAMILIES = ["qwen2_5_vl", "llava_onevision"]
@@ -66,7 +67,9 @@ def test_tiled_model_matches_untiled_in_fp32_against_fp64(tiny_model_dir, family
     untiled = _model(tiny_model_dir, family, lora)
     truth_model = copy.deepcopy(untiled).double()
     tiled = copy.deepcopy(untiled)
-    assert tile_mlps(tiled, TILE) == untiled.config.get_text_config().num_hidden_layers
+    layers = untiled.config.get_text_config().num_hidden_layers
+    tiled_modules = tile_mlps_and_norms(tiled, TILE)
+    assert (tiled_modules.mlps, tiled_modules.norms) == (layers, 2 * layers + 1)
     input_ids = _input_ids(untiled)
 
     _, truth_grads = _forward_backward(truth_model, input_ids)
@@ -75,8 +78,8 @@ def test_tiled_model_matches_untiled_in_fp32_against_fp64(tiny_model_dir, family
 
     torch.testing.assert_close(tiled_logits, untiled_logits, rtol=1e-6, atol=1e-6 * untiled_logits.abs().max().item())
     assert tiled_grads.keys() == untiled_grads.keys()
-    mlp_grads = [name for name in tiled_grads if ".mlp." in name and "language_model" in name]
-    assert mlp_grads and all(tiled_grads[name].abs().max() > 0 for name in mlp_grads)  # the tiled weights train
+    tiled_weights = [name for name in tiled_grads if "language_model" in name and (".mlp." in name or "norm" in name)]
+    assert tiled_weights and all(tiled_grads[name].abs().max() > 0 for name in tiled_weights)  # they train
     for name, truth in truth_grads.items():
         tiled_error = _relative_error(tiled_grads[name], truth)
         untiled_error = _relative_error(untiled_grads[name], truth)
@@ -87,7 +90,7 @@ def test_tiled_model_matches_untiled_in_fp32_against_fp64(tiny_model_dir, family
 def test_tiled_model_matches_untiled_in_bf16(tiny_model_dir, family):
     untiled = _model(tiny_model_dir, family, lora=False).to(torch.bfloat16)
     tiled = copy.deepcopy(untiled)
-    tile_mlps(tiled, TILE)
+    tile_mlps_and_norms(tiled, TILE)
     input_ids = _input_ids(untiled)
     untiled_logits, untiled_grads = _forward_backward(untiled, input_ids)
     tiled_logits, tiled_grads = _forward_backward(tiled, input_ids)
@@ -113,7 +116,7 @@ def test_no_tensor_of_tokens_by_intermediate(tiny_model_dir, tile_tokens):
 
     _, untiled_numel = largest_tensor_during(forward_backward)
     assert untiled_numel >= tokens * intermediate  # the recorder sees the whole activation untiled
-    tile_mlps(model, tile_tokens)
+    tile_mlps_and_norms(model, tile_tokens)
     op, numel = largest_tensor_during(forward_backward)
     assert numel <= max(tokens * hidden_size, hidden_size * intermediate, tile * intermediate), f"{op} made {numel}"
     assert numel < tokens * intermediate
@@ -126,3 +129,38 @@ def test_torch_chunk_cuts_exactly_the_tile_count():
         for tile in range(1, tokens + 1):
             pieces = torch.chunk(torch.empty(tokens), tile_count(tokens, tile))
             assert len(pieces) == tile_count(tokens, tile) and max(map(len, pieces)) <= tile, (tokens, tile)
+
+
+def _saved_for_backward(function) -> list[torch.Tensor]:
+    """The tensors autograd keeps for backward while `function()` runs (their storages, deduplicated)."""
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return list(saved.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiled_norm_keeps_only_its_input_for_backward(tiny_model_dir, family, dtype):
+    """Untiled, an RMSNorm keeps its normalised input beside its input (in bf16 float32 copies too);
+    tiled, only the input (and the weight): what it saves for backward is counted by saved-tensor hooks."""
+    model = _model(tiny_model_dir, family, lora=False).to(dtype)
+    norm = model.model.language_model.layers[0].post_attention_layernorm
+    hidden = torch.randn(1, 256, norm.weight.shape[0], dtype=dtype, requires_grad=True)
+    token_wide = hidden.numel() * hidden.element_size()
+
+    def saved_token_bytes() -> int:
+        tensors = _saved_for_backward(lambda: norm(hidden))
+        return sum(t.untyped_storage().nbytes() for t in tensors if t.untyped_storage().nbytes() >= token_wide)
+
+    assert saved_token_bytes() >= 2 * token_wide  # the recorder sees the untiled norm's intermediates
+    tile_mlps_and_norms(model, 8)
+    assert saved_token_bytes() == token_wide
+    out = norm(hidden)
+    out.sum().backward()  # and backward recomputes the tiles
+    assert hidden.grad is not None and norm.weight.grad.abs().max() > 0

@@ -1,4 +1,4 @@
-"""A training stage under torchrun on 2 gloo ranks: resume after a crash, not after a changed input; LoRA."""
+"""A training stage under torchrun on 2 gloo ranks: bit-identical resume after real crashes, not after a changed input; LoRA."""
 
 from __future__ import annotations
 
@@ -44,44 +44,55 @@ def _client(root: Path):
     return mlflow.MlflowClient()
 
 
+def _weights(root: Path, out: str) -> dict[str, torch.Tensor]:
+    return load_file(root / out / "model" / "model.safetensors")
+
+
+def _losses(root: Path, out: str) -> dict[int, float]:
+    """The stage's logged loss of each step (the last value where a resumed run logged it again)."""
+    run_id = json.loads((root / out / "registration.json").read_text())["run_id"]
+    return {m.step: m.value for m in sorted(_client(root).get_metric_history(run_id, "train/loss"),
+                                             key=lambda m: m.timestamp)}
+
+
+def _assert_bit_identical(root: Path, out: str, reference: str) -> None:
+    expected, actual = _weights(root, reference), _weights(root, out)
+    assert actual.keys() == expected.keys()
+    differ = [key for key in expected if not torch.equal(actual[key], expected[key])]
+    assert not differ, f"{out}: weights differ from {reference} in {differ[:5]}"
+    assert _losses(root, out) == _losses(root, reference)
+
+
+def _lora(raw: dict) -> dict:
+    """The stage fine-tuning LoRA adapters with dropout: what it trains depends on every rank's RNG."""
+    raw = json.loads(json.dumps(raw))
+    raw["stages"]["stage1"]["train"].update(finetune="lora", lr=1e-2, lora={"dropout": 0.1})
+    return raw
+
+
 @pytest.fixture(scope="module")
-def full_run(stage1_setup) -> Path:
-    """The checkpoints of the stage run to its end (steps 2 and 4)."""
+def lora_run(stage1_setup) -> str:
+    """The LoRA stage run to its end: its output folder."""
     raw, root = stage1_setup
-    full = _train(root, raw, "resume", "runs/resume-full", "checkpoints/resume-full")
-    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
-    return root / "checkpoints/resume-full"
+    result = _train(root, _lora(raw), "lora", "runs/lora", "checkpoints/lora")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return "runs/lora"
 
 
-def test_a_crashed_stage_resumes_from_its_last_checkpoint(stage1_setup, full_run):
+def test_two_uninterrupted_runs_are_bitwise_equal(stage1_setup, lora_run):
+    """The precondition of an exact resume: the same stage trained twice (same seed, 2 ranks,
+    ZeRO-3 on CPU, LoRA with dropout) leaves the same weights bit for bit and logs the same losses."""
     raw, root = stage1_setup
-
-    # The same run, crashed after step 2's checkpoint: its step-4 checkpoint never written.
-    shutil.copytree(root / "checkpoints/resume-full", root / "checkpoints/resume-crash")
-    shutil.rmtree(root / "checkpoints/resume-crash/step0000004")
-    (root / "checkpoints/resume-crash/latest").write_text("step0000002")
-    resumed = _train(root, raw, "resume", "runs/resume-crash", "checkpoints/resume-crash")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming at step 2" in resumed.stdout
-    assert "step 1/4" not in resumed.stdout and "step 3/4" in resumed.stdout
-
-    uninterrupted = load_file(root / "runs/resume-full/model/model.safetensors")
-    after_resume = load_file(root / "runs/resume-crash/model/model.safetensors")
-    for key, value in uninterrupted.items():
-        torch.testing.assert_close(after_resume[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    # The resumed stage kept logging to the run it started. Steps after the last checkpoint
-    # (here 2 and 3, logged before the "crash") are logged again by the resumed run.
-    run_id = json.loads((root / "runs/resume-crash/registration.json").read_text())["run_id"]
-    history = _client(root).get_metric_history(run_id, "train/loss")
-    assert sorted({m.step for m in history}) == [0, 1, 2, 3]
-    assert sorted(m.step for m in history) == [0, 1, 2, 2, 3, 3]
+    again = _train(root, _lora(raw), "lora", "runs/lora-again", "checkpoints/lora-again")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    _assert_bit_identical(root, "runs/lora-again", lora_run)
 
 
-def test_a_changed_seed_sets_the_checkpoints_aside_and_trains_afresh(stage1_setup, full_run):
+def test_a_changed_seed_sets_the_checkpoints_aside_and_trains_afresh(stage1_setup, lora_run):
     """The seed sets the row order: a checkpoint of another seed must not be resumed."""
     raw, root = stage1_setup
-    raw = {**raw, "seed": raw["seed"] + 1}
-    shutil.copytree(full_run, root / "checkpoints/reseed")
+    raw = {**_lora(raw), "seed": raw["seed"] + 1}
+    shutil.copytree(root / "checkpoints/lora", root / "checkpoints/reseed")
     result = _train(root, raw, "reseed", "runs/reseed", "checkpoints/reseed")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "checkpoints/reseed: not resumed, set aside as checkpoints/reseed.stale-1: seed changed: 1234 -> 1235" in (
@@ -90,13 +101,8 @@ def test_a_changed_seed_sets_the_checkpoints_aside_and_trains_afresh(stage1_setu
     assert (root / "checkpoints/reseed.stale-1/step0000004").is_dir()
 
 
-def test_lora_stage_registers_merged_weights_and_logs_the_adapter(stage1_setup):
+def test_lora_stage_registers_merged_weights_and_logs_the_adapter(stage1_setup, lora_run):
     raw, root = stage1_setup
-    raw = json.loads(json.dumps(raw))
-    raw["stages"]["stage1"]["train"].update(finetune="lora", lr=1e-2)
-    result = _train(root, raw, "lora", "runs/lora", "checkpoints/lora")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
     base = load_file(root / raw["model"]["path"] / "model.safetensors")
     merged = load_file(root / "runs/lora/model/model.safetensors")
     assert merged.keys() == base.keys()  # plain weights, no LoRA modules left
@@ -109,6 +115,44 @@ def test_lora_stage_registers_merged_weights_and_logs_the_adapter(stage1_setup):
     client = _client(root)
     artifacts = {item.path for item in client.list_artifacts(record["run_id"])}
     assert {"adapter", "model"} <= artifacts
+
+
+def test_killed_rank_and_killed_job_resume_bit_identical(stage1_setup, lora_run):
+    """Two real crashes of the LoRA stage (dropout: every rank's RNG matters), then a clean end:
+
+    1. rank 1 SIGKILLed in step 4 of 4, after step 2's checkpoint;
+    2. the rerun resumes at step 2; the whole job is SIGKILLed once every rank wrote step 4's
+       checkpoint, before it was published;
+    3. the rerun passes over that checkpoint, resumes at step 2 again and ends with the
+       uninterrupted run's weights, bit for bit, and its losses.
+    """
+    from omnilong.train.checkpoint import MANIFEST
+    from omnilong.train.faults import KILL_BEFORE_PUBLISH_ENV, KILL_ENV
+
+    raw, root = stage1_setup
+    ckpt = root / "checkpoints/lora-kill"
+
+    def attempt(fault: dict) -> subprocess.CompletedProcess:
+        return _train(root, _lora(raw), "lora", "runs/lora-kill", str(ckpt), env={**project_env(root), **fault})
+
+    killed = attempt({KILL_ENV: "1:3"})
+    assert killed.returncode != 0 and f"{KILL_ENV}: killed in step 3: SIGKILL" in killed.stdout
+    assert "step 3/4" in killed.stdout and not (root / "runs/lora-kill/model").exists()
+
+    killed = attempt({KILL_BEFORE_PUBLISH_ENV: "4"})
+    assert killed.returncode != 0, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert "resuming at step 2" in killed.stdout and "step 2/4" not in killed.stdout and "step 4/4" in killed.stdout
+    assert f"{KILL_BEFORE_PUBLISH_ENV}: checkpoint for step 4 written, not published" in killed.stdout
+    assert len(list((ckpt / "step0000004").glob("*model_states.pt"))) == 2  # every rank's files
+    assert not (ckpt / "step0000004" / MANIFEST).exists() and (ckpt / "latest").read_text() == "step0000002"
+
+    resumed = attempt({})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (f"resuming from step0000002, passing over: {ckpt / 'step0000004'}: incomplete" in resumed.stdout
+            and "resuming at step 2" in resumed.stdout)
+    _assert_bit_identical(root, "runs/lora-kill", lora_run)
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002", "step0000004"]
+    assert (ckpt / "step0000004" / MANIFEST).is_file()
 
 
 def test_a_text_stage_runs_without_mlflow_or_video_decoders(stage1_setup, tmp_path):
@@ -254,9 +298,78 @@ def test_tiled_mlps_and_offloaded_checkpoints_train_the_same_weights(stage1_setu
     plain = three_step_weights()
     saved = three_step_weights(memory_saving=True)
     stdout = three_step_weights.stdout[_three_step_run("chunked", False, False, memory_saving=True)]
-    assert "offloaded to host memory" in stdout and "MLPs of 2 layers tiled (200 tokens a tile)" in stdout
+    assert "offloaded to host memory" in stdout and "MLPs of 2 layers and 5 RMSNorms tiled (200 tokens a tile)" in stdout
     assert saved.keys() == plain.keys()
     for key, value in plain.items():
         torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=5e-6, msg=key)
     trained = {key for key in initial if not torch.equal(saved[key], initial[key])}
     assert any(".mlp.gate_proj." in key for key in trained)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """Every tensor in a nested checkpoint structure, in a fixed order."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        return [tensor for key in sorted(value, key=str) for tensor in _tensors(value[key])]
+    if isinstance(value, list | tuple):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
+
+
+def test_a_nonfinite_step_skips_the_update_on_every_rank(stage1_setup):
+    """Rank 1's loss is NaN at step 2 of 2 (the runner's test-only injection point): neither rank
+    updates anything (its fp32 weights and AdamW states after step 2 are those after step 1), the
+    LR schedule still advances, the step is logged as skipped and counted, and the stage ends."""
+    from omnilong.train.nonfinite import TEST_INJECTION_ENV
+
+    raw, root = stage1_setup
+    raw = json.loads(json.dumps(raw))
+    raw["stages"]["stage1"]["train"].update(max_steps=2, checkpoint_every=1)
+    env = {**project_env(root), TEST_INJECTION_ENV: "2@1"}
+    result = _train(root, raw, "nonfinite", "runs/nonfinite", "checkpoints/nonfinite", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "update skipped" not in result.stdout.split("step 2/2")[0]
+    assert "non-finite loss or gradient: update skipped on every rank (1 so far)" in result.stdout
+
+    ckpt = root / "checkpoints/nonfinite"
+    for rank in range(2):
+        optimizer = [
+            torch.load(ckpt / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]
+            for tag in ("step0000001", "step0000002")
+        ]
+        before, after = _tensors(optimizer[0]), _tensors(optimizer[1])
+        assert len(before) == len(after) > 0
+        for old, new in zip(before, after):
+            assert torch.equal(old, new), f"rank {rank}: the optimizer updated a state at the skipped step"
+    schedulers = [
+        torch.load(ckpt / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu",
+                   weights_only=False)["lr_scheduler"]["last_epoch"]
+        for tag in ("step0000001", "step0000002")
+    ]
+    assert schedulers == [1, 2]
+
+    run_id = json.loads((root / "runs/nonfinite/registration.json").read_text())["run_id"]
+    client = _client(root)
+    counted = {m.step: m.value for m in client.get_metric_history(run_id, "train/nonfinite_steps")}
+    assert counted == {0: 0, 1: 1}
+    norms = {m.step: m.value for m in client.get_metric_history(run_id, "train/grad_norm")}
+    assert norms[0] > 0 and norms[1] != norms[1]  # NaN at the skipped step
+
+
+def test_nonfinite_steps_in_a_row_stop_the_stage(stage1_setup):
+    """Steps 2 (rank 0) and 3 (rank 1) non-finite with train.max_nonfinite_steps 2: the stage stops
+    at step 3, naming the step and the count, and exports nothing."""
+    from omnilong.train.nonfinite import TEST_INJECTION_ENV
+
+    raw, root = stage1_setup
+    raw = json.loads(json.dumps(raw))
+    raw["stages"]["stage1"]["train"].update(max_nonfinite_steps=2)
+    env = {**project_env(root), TEST_INJECTION_ENV: "2@0,3@1"}
+    result = _train(root, raw, "nonfinite-stop", "runs/nonfinite-stop", "checkpoints/nonfinite-stop", env=env)
+    assert result.returncode != 0
+    assert ("step 3/4: 2 optimizer steps in a row had a non-finite loss or gradient norm "
+            "(train.max_nonfinite_steps: 2); stopping the stage") in result.stderr
+    assert "step 4/4" not in result.stdout
+    assert not (root / "runs/nonfinite-stop/model").exists()

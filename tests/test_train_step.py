@@ -123,7 +123,7 @@ def _worker(rank: int, port: int, model_dir: str, family: str, sp_size: int, dat
                      if isinstance(data, list) else None)
     hf_config = HfDeepSpeedConfig(config)  # noqa: F841  (from_pretrained partitions while it lives)
     model = load_model(model_dir, dtype=torch.float32)
-    mesh = build_mesh(StageParams(seq_len=SEQ_LEN, sp_size=sp_size))
+    mesh = build_mesh(StageParams(seq_len=SEQ_LEN, sp_size=sp_size), timeout_s=300)
     sp = None
     if sp_size > 1:
         model.set_attn_implementation(register_ring_attention())
@@ -147,7 +147,7 @@ def _worker(rank: int, port: int, model_dir: str, family: str, sp_size: int, dat
         rows = _rows(model.config.text_config.vocab_size)
         batches = [collate([rows[row]], family=family, model_config=model.config, video_params=None)
                    for row in _rows_of_rank(rank, sp_size)]
-    loss, _ = train_step(engine, batches, family, torch.device("cpu"), sp)
+    loss = train_step(engine, batches, family, torch.device("cpu"), sp).loss
     after = gathered()
     # numpy arrays travel by value; tensors would be shared through this (exiting) process.
     update = {name: (before[name] - after[name]).numpy() for name in before}

@@ -37,6 +37,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from omnilong import atomic
 from omnilong.config import STAGE_KIND, EvalParams, Params, StageName
+from omnilong.data.checksum import FileChecksum, file_checksum
 from omnilong.data.prepare import TokenizedStage, load_tokenized
 from omnilong.data.shards import (
     INDEX_FILE,
@@ -174,8 +175,9 @@ def _write_shard(
     seq_len: int,
     pad_token_id: int,
     mrope_config: PretrainedConfig | None,
-) -> tuple[list[list[VideoClip]], int]:
-    """Fill and save one shard's arrays; returns its rows' video manifests and trainable token count."""
+) -> tuple[list[list[VideoClip]], int, dict[str, FileChecksum]]:
+    """Fill and save one shard's arrays; returns its rows' video manifests, trainable token count
+    and the checksum of each file written."""
     num_rows = len(rows)
     input_ids = np.full((num_rows, seq_len), pad_token_id, dtype=np.int32)
     labels = np.full((num_rows, seq_len), IGNORE_INDEX, dtype=np.int32)
@@ -215,9 +217,11 @@ def _write_shard(
         "doc_index": np.asarray(doc_index, dtype=np.int32),
         "doc_start": np.asarray(doc_start, dtype=np.int32),
     }
+    files = {}
     for name, array in arrays.items():
         np.save(shard_dir / f"{name}.npy", array)
-    return videos, int(np.count_nonzero(labels != IGNORE_INDEX))
+        files[f"{name}.npy"] = file_checksum(shard_dir / f"{name}.npy")
+    return videos, int(np.count_nonzero(labels != IGNORE_INDEX)), files
 
 
 def scheduled_dir(stage_dir: Path, seq_len: int) -> Path:
@@ -250,7 +254,7 @@ def pack_stage(
         )
     mrope_config = None
     if params.model.family == "qwen2_5_vl" and STAGE_KIND[stage] == "video":
-        mrope_config = AutoConfig.from_pretrained(root / params.model.path)
+        mrope_config = AutoConfig.from_pretrained(root / params.model.path, trust_remote_code=False)
 
     split = split_heldout(tokenized, params.eval, params.seed, stage)
     heldout = set(split.documents)
@@ -284,7 +288,7 @@ def _pack_rows(
     ):
         shard_rows = rows[row_start : row_start + rows_per_shard]
         name = f"{shard_no:05d}"
-        shard_videos, shard_trainable = _write_shard(
+        shard_videos, shard_trainable, shard_files = _write_shard(
             target / SHARDS_DIR / name,
             shard_rows,
             tokenized,
@@ -292,7 +296,8 @@ def _pack_rows(
             tokenized.index.pad_token_id,
             mrope_config,
         )
-        shards.append(ShardEntry(name=name, row_start=row_start, row_end=row_start + len(shard_rows)))
+        shards.append(ShardEntry(name=name, row_start=row_start, row_end=row_start + len(shard_rows),
+                                 files=shard_files))
         videos += shard_videos
         trainable_tokens += shard_trainable
     real_tokens = sum(piece.length for piece in pieces)

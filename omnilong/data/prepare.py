@@ -20,7 +20,8 @@ them with the model's own tokenizer:
     trainable.bin   uint8 [same length], 1 where the token is a training target
     offsets.npy     int64 [N + 1], document i is tokens[offsets[i]:offsets[i+1]]
     index.json      TokenizedIndex: per document its id, corpus and, for video, its VideoClip;
-                    the skipped records with the file and the reason
+                    the skipped records with the file and the reason; each file's size and
+                    CRC-32, verified when `pack` opens the stage (omnilong/data/checksum.py)
 
 The flat files are appended to as documents stream by, so memory stays flat whatever the corpus size.
 """
@@ -50,6 +51,7 @@ from omnilong.config import (
     VideoTokenParams,
     corpus_path,
 )
+from omnilong.data.checksum import FileChecksum, file_checksum, mismatch, older_format
 from omnilong.data.schemas import (
     CorpusKind,
     InstructRecord,
@@ -86,6 +88,7 @@ TRAINABLE_FILE = "trainable.bin"
 OFFSETS_FILE = "offsets.npy"
 INDEX_FILE = "index.json"
 TOKEN_DTYPE = np.dtype("<i4")
+FORMAT_VERSION = 2  # 2: the files' checksums
 # Stands in for an answer to find where a template puts it; no template or answer contains it.
 _SENTINEL = "\x00omnilong-answer\x00"
 # How VideoMME's prompt introduces the subtitles in its with-subtitles setting.
@@ -117,7 +120,7 @@ class SkippedDocument(_Frozen):
 
 
 class TokenizedIndex(_Frozen):
-    format_version: Literal[1] = 1
+    format_version: Literal[2] = FORMAT_VERSION
     stage: StageName
     kind: CorpusKind
     family: Family
@@ -128,6 +131,8 @@ class TokenizedIndex(_Frozen):
     documents: list[DocumentEntry]
     skipped: list[SkippedDocument]
     """Records left out because a file they name cannot be read."""
+    files: dict[str, FileChecksum]
+    """`tokens.bin`, `trainable.bin` and `offsets.npy` by name."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ def write_tokenized(
             trainable_tokens=trainable_tokens,
             documents=entries,
             skipped=skipped,
+            files={name: file_checksum(staging / name) for name in (TOKENS_FILE, TRAINABLE_FILE, OFFSETS_FILE)},
         )
         atomic.write_text(staging / INDEX_FILE, index.model_dump_json())
     return index
@@ -212,11 +218,17 @@ def load_tokenized(stage_dir: Path) -> TokenizedStage:
     stage_dir = Path(stage_dir)
     index_path = stage_dir / INDEX_FILE
     if not index_path.is_file():
-        raise PrepareError(f"{index_path}: not found; run `omnilong prepare` first")
+        raise PrepareError(f"{index_path}: not found; run `omnilong data prepare` first")
+    text = index_path.read_text()
+    if problem := older_format(index_path, text, FORMAT_VERSION, "tokenized", "run `omnilong data prepare` again"):
+        raise PrepareError(problem)
     try:
-        index = TokenizedIndex.model_validate_json(index_path.read_text())
+        index = TokenizedIndex.model_validate_json(text)
     except ValidationError as exc:
         raise PrepareError(f"{index_path}: not a valid tokenized index ({exc.errors()[0]['msg']})") from None
+    for name, expected in index.files.items():
+        if problem := mismatch(stage_dir / name, expected):
+            raise PrepareError(f"{problem} (recorded in {index_path}); run `omnilong data prepare` again")
     offsets = np.load(stage_dir / OFFSETS_FILE)
     if offsets.shape != (index.num_documents + 1,) or offsets[-1] != index.num_tokens:
         raise PrepareError(
@@ -322,8 +334,9 @@ def chat_document(
 
 
 @dataclass(frozen=True)
-class _VideoContext:
-    """What turning a video record into tokens needs beyond the tokenizer."""
+class VideoContext:
+    """What turning a video record into tokens needs beyond the tokenizer (the probe's synthetic
+    video rows use it too: omnilong/train/synthetic_rows.py)."""
 
     family: Family
     model_config: PretrainedConfig
@@ -338,8 +351,8 @@ def _project_relative(path: Path, root: Path) -> str:
     return str(resolved.relative_to(project) if resolved.is_relative_to(project) else resolved)
 
 
-def _video_clip(
-    context: _VideoContext, doc_id: str, video_path: Path, info: VideoInfo, sample: FrameSample, token_offset: int
+def video_clip(
+    context: VideoContext, doc_id: str, video_path: Path, info: VideoInfo, sample: FrameSample, token_offset: int
 ) -> VideoClip:
     num_frames = len(sample.indices)
     num_tokens = num_video_tokens(
@@ -380,7 +393,7 @@ def _with_subtitles(messages: list[Message], subtitles_path: Path, timestamps: l
 
 
 def video_document(
-    tokenizer: Any, record: VideoRecord, video_dir: Path, context: _VideoContext
+    tokenizer: Any, record: VideoRecord, video_dir: Path, context: VideoContext
 ) -> tuple[np.ndarray, np.ndarray, VideoClip]:
     """The chat (with its subtitles, if any) with its one video placeholder expanded to the clip's
     token count. Raises VideoReadError or SubtitleError when a file the record names is unreadable."""
@@ -401,7 +414,7 @@ def video_document(
             f"found {len(placeholders)} (does a message's or subtitle's text contain the placeholder itself?)"
         )
     at = placeholders[0]
-    clip = _video_clip(context, record.id, video_path, info, sample, token_offset=at)
+    clip = video_clip(context, record.id, video_path, info, sample, token_offset=at)
     ids, mask = np.asarray(token_ids, dtype=TOKEN_DTYPE), np.asarray(trainable, dtype=bool)
     video_ids = np.full(clip.num_tokens, context.video_token_id, dtype=TOKEN_DTYPE)
     ids = np.concatenate([ids[:at], video_ids, ids[at + 1 :]])
@@ -424,7 +437,7 @@ def _stage_documents(
     kind = STAGE_KIND[stage]
     context = None
     if kind == "video":
-        context = _VideoContext(
+        context = VideoContext(
             family=params.model.family,
             model_config=model_config,
             video=params.model.video,
@@ -468,7 +481,7 @@ def prepare_corpora(params: Params, root: Path = Path(".")) -> None:
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         raise PrepareError(f"{model_dir}: the tokenizer has no pad token; packing needs one")
-    model_config = AutoConfig.from_pretrained(model_dir)
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     for stage in STAGE_NAMES:
         documents = _stage_documents(params, stage, tokenizer, model_config, root)
         index = write_tokenized(

@@ -104,14 +104,21 @@ def corpus_files(corpus_dir: Path, kind: CorpusKind) -> list[Path]:
 def iter_records(path: Path, kind: CorpusKind) -> Iterator[_Record]:
     """Yield validated records of `path`; the first bad line raises RecordError."""
     record_type = RECORD_TYPES[kind]
-    with open(path, encoding="utf-8") as lines:
-        for line_no, line in enumerate(lines, start=1):
+    # Bytes decoded line by line, so a line that is not UTF-8 is named like any other bad line.
+    with open(path, "rb") as lines:
+        for line_no, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecordError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                  "expected one JSON record per line, encoded as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield record_type.model_validate(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                raise RecordError(f"{path}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                  "expected one JSON record per line") from None
             except ValidationError as exc:
                 problems = "; ".join(
                     f"field {'.'.join(str(p) for p in e['loc']) or '<record>'}: {e['msg']}"

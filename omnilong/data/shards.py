@@ -12,7 +12,8 @@ A packed shard set (written by `omnilong.data.pack`) holds
     shards/<NNNNN>/doc_start.npy    int32 [D]         its first token's offset in that document
 
 Documents sit at the start of a row, back to back; the row's tail beyond sum(doc_lens) is padding.
-Arrays are memory-mapped, so opening a stage costs nothing whatever its size.
+Arrays are memory-mapped. The index records each file's size and CRC-32 (omnilong/data/checksum.py);
+opening a shard set reads every file once to verify them and refuses the first that differs.
 
 A stage's packed directory is the shard set of its training rows at `seq_len`, with two kinds of
 shard sets inside: `len<N>/`, its training rows at each shorter length of a context schedule, and
@@ -30,11 +31,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omnilong.config import Family, StageName
+from omnilong.data.checksum import FileChecksum, mismatch, older_format
 from omnilong.data.schemas import CorpusKind
 
 INDEX_FILE = "index.json"
 SHARDS_DIR = "shards"
-FORMAT_VERSION = 2  # 2: held-out documents split off before packing
+FORMAT_VERSION = 3  # 2: held-out documents split off before packing; 3: checksums of the shard files
 ROW_ARRAYS = ("input_ids", "labels", "position_ids")
 DOC_ARRAYS = ("doc_lens", "doc_offsets", "doc_index", "doc_start")
 
@@ -77,6 +79,8 @@ class ShardEntry(_Frozen):
     name: str
     row_start: NonNegativeInt
     row_end: NonNegativeInt
+    files: dict[str, FileChecksum]
+    """Each array file of the shard (`input_ids.npy`, ...) by name."""
 
 
 class HeldoutSplit(_Frozen):
@@ -123,7 +127,7 @@ class PackStats(_Frozen):
 
 
 class PackedIndex(_Frozen):
-    format_version: Literal[2] = FORMAT_VERSION
+    format_version: Literal[3] = FORMAT_VERSION
     stage: StageName
     kind: CorpusKind
     family: Family
@@ -174,8 +178,11 @@ def read_index(stage_dir: Path) -> PackedIndex:
     path = Path(stage_dir) / INDEX_FILE
     if not path.is_file():
         raise PackedShardsError(f"{path}: not found; run `omnilong prepare` to pack this stage")
+    text = path.read_text()
+    if problem := older_format(path, text, FORMAT_VERSION, "packed", "run `omnilong data pack` to pack it again"):
+        raise PackedShardsError(problem)
     try:
-        return PackedIndex.model_validate_json(path.read_text())
+        return PackedIndex.model_validate_json(text)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<index>'}: {e['msg']}" for e in exc.errors()
@@ -196,11 +203,20 @@ class PackedShards(torch.utils.data.Dataset):
     def __init__(self, stage_dir: str | Path):
         self.stage_dir = Path(stage_dir)
         self.index = read_index(self.stage_dir)
+        self._verify_files()
         self._row_starts = [shard.row_start for shard in self.index.shards]
         self._arrays: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:
         return self.index.num_rows
+
+    def _verify_files(self) -> None:
+        for shard in self.index.shards:
+            for name, expected in shard.files.items():
+                if problem := mismatch(self.stage_dir / SHARDS_DIR / shard.name / name, expected):
+                    raise PackedShardsError(
+                        f"{problem} (recorded in {self.stage_dir / INDEX_FILE}); run `omnilong data pack` to pack it again"
+                    )
 
     def _shard_arrays(self, shard_no: int) -> dict[str, np.ndarray]:
         if shard_no not in self._arrays:

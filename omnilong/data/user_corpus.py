@@ -44,9 +44,8 @@ def _jsonl_files(path: Path, kind: CorpusKind) -> list[Path]:
 
 
 def validate_corpus(path: Path, kind: CorpusKind) -> list[Path]:
-    """Check every record (and, for video, that each named video decodes); return the JSONL files."""
-    from omnilong.data.video_frames import VideoReadError, video_info
-
+    """Check every record (and, for video, that each named video decodes, its window lies within
+    it and its subtitles parse); return the JSONL files."""
     files = _jsonl_files(path, kind)
     for jsonl in files:
         count = 0
@@ -54,12 +53,25 @@ def validate_corpus(path: Path, kind: CorpusKind) -> list[Path]:
             for record in iter_records(jsonl, kind):
                 count += 1
                 if isinstance(record, VideoRecord):
-                    video_info(path / record.video)
-        except (RecordError, VideoReadError) as exc:
+                    _check_video_record(path, record)
+        except RecordError as exc:
             raise CorpusError(str(exc)) from None
+        except ValueError as exc:  # VideoReadError, SubtitleError, a window past the video's end
+            raise CorpusError(f"{jsonl}: record {record.id!r}: {exc}") from None
         if count == 0:
-            raise CorpusError(f"{jsonl}: holds no record")
+            raise CorpusError(f"{jsonl}: holds no record; expected one JSON record per line")
     return files
+
+
+def _check_video_record(video_dir: Path, record: VideoRecord) -> None:
+    """The video decodes, its window (if any) lies within it, its subtitles (if any) parse."""
+    from omnilong.data.subtitles import parse_srt
+    from omnilong.data.video_frames import video_info, window_bounds
+
+    info = video_info(video_dir / record.video)
+    window_bounds(info, record.start_s, record.end_s)
+    if record.subtitles is not None:
+        parse_srt(video_dir / record.subtitles)
 
 
 def add_user_corpus(path: Path, kind: str, name: str | None, raw_dir: Path) -> Path:

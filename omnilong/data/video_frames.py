@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
-from torch.utils.dlpack import from_dlpack
 
 from omnilong.config import FrameSampling
 
@@ -95,6 +94,7 @@ class _DecordVideo:
     def decode(self, indices: list[int]) -> np.ndarray:
         """uint8 [len(indices), H, W, 3] for ascending `indices`."""
         import decord
+        from torch.utils.dlpack import from_dlpack  # here: reading a video's metadata needs no torch
 
         try:
             # Zero-copy through DLPack: asnumpy() copies the batch, which at least doubles the
@@ -176,6 +176,11 @@ def _open(path: Path) -> _DecordVideo | _PyAVVideo:
         first_frame = reader.next()
         _stop_decoding_ahead(reader)
     except (decord.DECORDError, RuntimeError, AssertionError, StopIteration) as exc:
+        if _has_undecodable_video_stream(path):
+            raise VideoReadError(
+                f"{path}: the codec of its video stream is not one FFmpeg can decode here; expected a video "
+                "in a common codec (H.264, HEVC, VP9, AV1, ...)"
+            ) from None
         raise _unreadable(path, _decord_reason(exc)) from None
     height, width, channels = first_frame.shape
     # decord 0.6 bug: it hands out a decoded RGB frame without copying when the frame's row
@@ -194,6 +199,18 @@ def _open(path: Path) -> _DecordVideo | _PyAVVideo:
     if video.num_frames <= 0:
         raise VideoReadError(f"{path}: the video stream has no frames")
     return video
+
+
+def _has_undecodable_video_stream(path: Path) -> bool:
+    """Whether the container opens and holds a video stream whose codec has no decoder (PyAV then
+    gives it no codec context), which decord reports only as a missing video stream."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return any(stream.codec_context is None for stream in container.streams.video)
+    except (av.FFmpegError, OSError):
+        return False
 
 
 def video_info(path: str | Path) -> VideoInfo:
@@ -227,7 +244,7 @@ def frame_timestamps(info: VideoInfo, indices: Sequence[int]) -> list[float]:
     return [index / info.fps for index in indices]
 
 
-def _window(info: VideoInfo, start_s: float | None, end_s: float | None) -> tuple[float, float]:
+def window_bounds(info: VideoInfo, start_s: float | None, end_s: float | None) -> tuple[float, float]:
     """[start, end) in seconds; None is the video's start or end."""
     start = 0.0 if start_s is None else start_s
     end = info.duration_s if end_s is None else end_s
@@ -258,7 +275,7 @@ def sample_frames(
     start_s + (k + 1/2) / fps for k = 0, 1, ... within the window; beyond `max_frames` of them,
     `max_frames` uniformly instead, and at least one.
     """
-    start_s, end_s = _window(info, start_s, end_s)
+    start_s, end_s = window_bounds(info, start_s, end_s)
     if sampling.num_frames is not None:
         return _uniform_sample(info, start_s, end_s, sampling.num_frames)
     assert sampling.fps is not None  # FrameSampling sets exactly one of num_frames and fps

@@ -21,6 +21,7 @@ from omnilong.eval.suite import evaluate_model, evaluation_settings
 from omnilong.infer.prefill import from_first_rank
 from omnilong.tracking.registry import REGISTRATION_FILE
 from omnilong.tracking.runs import create_run
+from omnilong.tracking.secrets import redact
 
 HEADLINE_METRICS = ("niah.accuracy", "vniah.teacher_forced", "vniah.generation",
                     "videomme.without_subtitles.overall.official.accuracy",
@@ -56,7 +57,7 @@ def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *
     save_comparison(suite, out_dir / "comparison.png", f"{run_name}: base model and each stage")
 
     client = MlflowClient()
-    client.log_dict(run_id, settings, "evaluation_settings.json")
+    client.log_dict(run_id, redact(settings), "evaluation_settings.json")
     for label, stages in heldout.items():
         client.log_param(run_id, f"model.{label}", str(models[label]))
         for stage, metrics in stages.items():

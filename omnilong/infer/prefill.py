@@ -26,22 +26,24 @@ from transformers import DynamicCache
 from omnilong.config import Family, RingBackend
 from omnilong.parallel.documents import DocumentLayout
 from omnilong.parallel.hf_adapter import ATTENTION_NAME, ring_attention_context
+from omnilong.parallel.timeout import abort_nccl_on_timeout, as_timedelta
 from omnilong.parallel.zigzag import SequenceLayout, shard_sequence, unshard_sequence
 from omnilong.train.training_module import language_model_positions
 
 
 @contextlib.contextmanager
-def inference_group(sp_size: int) -> Iterator[dist.ProcessGroup | None]:
+def inference_group(sp_size: int, timeout_s: float) -> Iterator[dist.ProcessGroup | None]:
     """The sequence-parallel group to answer with: None for one process. For `sp_size` > 1,
     under torchrun: the job's process group (NCCL on this rank's GPU, else gloo), the whole job
-    one group of `sp_size` ranks, left again on exit."""
+    one group of `sp_size` ranks, left again on exit; a collective waits at most `timeout_s`."""
     if sp_size == 1:
         yield None
         return
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if on_gpu else "gloo")
+        abort_nccl_on_timeout()
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=as_timedelta(timeout_s))
     try:
         if dist.get_world_size() != sp_size:
             raise ValueError(f"eval.sp_size: expected the job's world size {dist.get_world_size()}, given {sp_size}")

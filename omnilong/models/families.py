@@ -7,14 +7,12 @@ Everything here mirrors what the family's published checkpoints carry, so code w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import (
-    LlavaOnevisionForConditionalGeneration,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2_5_VLForConditionalGeneration,
-)
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+if TYPE_CHECKING:  # the model classes import torch and transformers' modelling: only when a model is built
+    from transformers import PretrainedConfig, PreTrainedModel
 
 # Qwen2.5-VL's template: a default system turn, one <|vision_start|><|video_pad|><|vision_end|>
 # placeholder per video part (expanded to the real token count later), text parts verbatim.
@@ -72,7 +70,8 @@ class FamilySpec:
     name: str
     model_type: str
     """`model_type` in the family's config.json."""
-    model_class: type[PreTrainedModel]
+    model_class_name: str
+    """The transformers class of the whole model (`model_class`)."""
     special_tokens: tuple[str, ...]
     """Special tokens of the family's real tokenizer, in their id order."""
     eos_token: str
@@ -86,6 +85,12 @@ class FamilySpec:
     """Normalisation the family's vision tower was trained with (after rescaling to [0, 1])."""
     vision_start_token: str | None = None
     vision_end_token: str | None = None
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
 
     def expand_video_placeholder(self, text: str, num_tokens: int) -> str:
         """Repeat the single video placeholder of a rendered chat `num_tokens` times.
@@ -107,7 +112,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2_5_vl": FamilySpec(
         name="qwen2_5_vl",
         model_type="qwen2_5_vl",
-        model_class=Qwen2_5_VLForConditionalGeneration,
+        model_class_name="Qwen2_5_VLForConditionalGeneration",
         special_tokens=(
             "<|endoftext|>",
             "<|im_start|>",
@@ -137,7 +142,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "llava_onevision": FamilySpec(
         name="llava_onevision",
         model_type="llava_onevision",
-        model_class=LlavaOnevisionForConditionalGeneration,
+        model_class_name="LlavaOnevisionForConditionalGeneration",
         special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",

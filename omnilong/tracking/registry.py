@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from omnilong.config import TrackingParams
-from omnilong.tracking.store import tracking_uri
+from omnilong.tracking.secrets import redact_uri
+from omnilong.tracking.store import check_reachable, tracking_uri
 
 MODEL_ARTIFACT = "model"
 
@@ -25,11 +26,20 @@ def registered_name(family: str, variant: str | None = None) -> str:
 def register_stage_model(
     run_id: str, model_dir: Path, name: str, alias: str, tags: dict[str, str] | None = None
 ) -> str:
-    """Log `model_dir` under the run, register it as a new version of `name`, point `alias` at it."""
+    """Log `model_dir` under the run, register it as a new version of `name`, point `alias` at it.
+
+    A run registers its model once: a retried stage whose earlier attempt registered it before
+    crashing (the retry resumes from the final checkpoint and exports the same weights) keeps that
+    version, and the files it points at are not logged over."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
+    registered = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if registered:
+        version = min(registered, key=lambda v: int(v.version)).version
+        client.set_registered_model_alias(name, alias, version)
+        return version
     client.log_artifacts(run_id, str(model_dir), artifact_path=MODEL_ARTIFACT)
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT}"
     try:
@@ -42,15 +52,29 @@ def register_stage_model(
     return version.version
 
 
+class ModelNotFound(ValueError):
+    """A registry URI that names no model of the tracking store."""
+
+
 def resolve_model_dir(model: str, tracking: TrackingParams) -> Path:
     """A local directory, or a `models:/name@alias` / `runs:/...` URI downloaded from the store
-    `tracking` names (the project's by default) to one."""
+    `tracking` names (the project's by default) to one. Raises TrackingUnreachable when that
+    store's server does not answer, ModelNotFound when it holds no such model."""
     if "://" not in model and not model.startswith("models:/"):
         return Path(model)
+    check_reachable(tracking)
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(tracking, Path(".")))
-    return Path(mlflow.artifacts.download_artifacts(model))
+    uri = tracking_uri(tracking, Path("."))
+    mlflow.set_tracking_uri(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(model))
+    except MlflowException as exc:
+        raise ModelNotFound(
+            f"{model}: not found in the tracking store {redact_uri(uri)} ({exc.message}); expected "
+            "models:/NAME@ALIAS of a registered model and one of its aliases (the MLflow UI lists them)"
+        ) from None
 
 
 REGISTRATION_FILE = "registration.json"

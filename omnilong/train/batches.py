@@ -10,6 +10,7 @@ Which rows a rank reads at a step: omnilong/train/row_order.py.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -63,18 +64,30 @@ def clip_span(clip: VideoClip, family: Family, model_config, video_params: Video
     return span
 
 
+class FramesUnreadable(VideoReadError):
+    """Frames of `clips[video]` that could not be decoded (the message says why)."""
+
+    def __init__(self, message: str, video: int):
+        super().__init__(message)
+        self.video = video
+
+
 def load_video_pieces(
     clips: list[VideoClip], spans: list[VideoSpan], split: FrameSplit, family: Family, model_config,
     video_params: VideoTokenParams,
 ) -> list[dict[str, torch.Tensor]]:
     """Decode and preprocess only the frames of the units in `split`, resized batch by batch as
-    they are decoded (so at most one decode batch of full-size frames is in memory)."""
+    they are decoded (so at most one decode batch of full-size frames is in memory). A video
+    whose frames cannot be read raises `FramesUnreadable` naming it."""
     pieces = []
     for video, first, end in split.unit_ranges:
         clip, frames_per_unit = clips[video], spans[video].frames_per_unit
         indices = clip.frame_indices[first * frames_per_unit : end * frames_per_unit]
         size = frame_size(family, model_config, video_params, clip.height, clip.width)
-        frames = read_frames(clip.path, indices, size=size)
+        try:
+            frames = read_frames(clip.path, indices, size=size)
+        except VideoReadError as exc:
+            raise FramesUnreadable(str(exc), video) from None
         pieces.append(preprocess_video(family, frames, model_config, video_params, fps=clip.sampled_fps))
     return pieces
 
@@ -104,13 +117,28 @@ def video_token_id(family: Family, model_config) -> int:
     return model_config.video_token_id if family == "qwen2_5_vl" else model_config.video_token_index
 
 
+@dataclass(frozen=True)
+class RowChoice:
+    """What fills a slot of a micro-batch: a row of the step's length, its labels kept or all ignored."""
+
+    row: int
+    labels_ignored: bool = False
+
+
 @dataclass
 class StepData:
     """What a rank trains on at one optimizer step, and the rows it had to skip to get it."""
 
-    micro_batches: list[MicroBatch]
+    micro_batches: list[MicroBatch | None]
+    """None where this rank could not decode the frames of a row (`undecodable`)."""
     skipped: list[str]
     """One line per row skipped because a video in it could not be read."""
+    rows: list[list[RowChoice]]
+    """Per micro-batch, what fills each slot: the row read there, or what took its place."""
+    undecodable: dict[int, tuple[int, str]] = field(default_factory=dict)
+    """micro-batch -> (slot, why): a frame of that slot's video failed to decode on this rank,
+    after the video opened. The ranks agree on it and replace the row in the training process
+    (omnilong/train/video_faults.py): a loader worker cannot reach the other ranks."""
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -122,8 +150,9 @@ class StepBatches(torch.utils.data.Dataset):
     this epoch takes its place (`RowOrder.replacement`); when none is left, a readable row with
     every label ignored does, so the micro-batch still runs and the collectives stay in step.
     Every rank of the group runs the same checks on the same rows, so they choose alike. A frame
-    that fails to decode after the video opened raises: the ranks decode different frames and
-    could not agree on a skip.
+    that fails to decode after the video opened is only reported (`StepData.undecodable`): the
+    ranks decode different frames, so only the training process, which can reach the others,
+    decides (omnilong/train/video_faults.py, which calls `rebuild`).
     """
 
     def __init__(
@@ -133,6 +162,7 @@ class StepBatches(torch.utils.data.Dataset):
     ):
         self.datasets, self.seq_len_at, self.num_steps = datasets, seq_len_at, num_steps
         self.grad_accum_steps, self.dp_rank, self.sp_rank, self.sp_size = grad_accum_steps, dp_rank, sp_rank, sp_size
+        self.dp_size = dp_size
         self.family, self.model_config, self.video_params = family, model_config, video_params
         self.order = RowOrder(
             {seq_len: len(dataset) for seq_len, dataset in datasets.items()}, seq_len_at, micro_batch_size_at,
@@ -148,19 +178,41 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> StepData:
         seq_len = self.seq_len_at(step)
         skipped: list[str] = []
-        batches = []
-        for micro in range(self.grad_accum_steps):
-            rows = [
-                self._readable_row(seq_len, position, skipped)
-                for position in self.order.positions(step, micro, self.dp_rank)
-            ]
-            batches.append(collate(rows, family=self.family, model_config=self.model_config,
-                                   video_params=self.video_params, sp_rank=self.sp_rank, sp_size=self.sp_size))
-        return StepData(batches, skipped)
+        rows = [
+            [self._readable_row(seq_len, position, skipped)
+             for position in self.order.positions(step, micro, self.dp_rank)]
+            for micro in range(self.grad_accum_steps)
+        ]
+        return self.rebuild(step, StepData([None] * len(rows), skipped, rows), range(len(rows)))
 
-    def _video_error(self, seq_len: int, row: int, item: dict | None = None) -> str | None:
+    def rebuild(self, step: int, data: StepData, micros) -> StepData:
+        """`data` with micro-batches `micros` collated (again) from the rows `data.rows` names."""
+        seq_len = self.seq_len_at(step)
+        micro_batches, undecodable = list(data.micro_batches), dict(data.undecodable)
+        for micro in micros:
+            items = [self.item(seq_len, choice) for choice in data.rows[micro]]
+            undecodable.pop(micro, None)
+            try:
+                micro_batches[micro] = collate(items, family=self.family, model_config=self.model_config,
+                                               video_params=self.video_params, sp_rank=self.sp_rank,
+                                               sp_size=self.sp_size)
+            except FramesUnreadable as exc:
+                videos_through = itertools.accumulate(len(item.get("videos") or []) for item in items)
+                slot = next(slot for slot, count in enumerate(videos_through) if exc.video < count)
+                micro_batches[micro], undecodable[micro] = None, (slot, str(exc))
+        return StepData(micro_batches, data.skipped, data.rows, undecodable)
+
+    def item(self, seq_len: int, choice: RowChoice) -> dict:
+        item = self.datasets[seq_len][choice.row]
+        return {**item, "labels": torch.full_like(item["labels"], IGNORE_INDEX)} if choice.labels_ignored else item
+
+    def opens(self, seq_len: int, row: int) -> bool:
+        """Whether every video of the row opens (checked once per row)."""
+        return self._video_error(seq_len, row) is None
+
+    def _video_error(self, seq_len: int, row: int) -> str | None:
         if (seq_len, row) not in self._video_errors:
-            item = self.datasets[seq_len][row] if item is None else item
+            item = self.datasets[seq_len][row]
             self._video_errors[seq_len, row] = None
             for clip in item.get("videos") or []:
                 try:
@@ -170,24 +222,24 @@ class StepBatches(torch.utils.data.Dataset):
                     break
         return self._video_errors[seq_len, row]
 
-    def _readable_row(self, seq_len: int, position: int, skipped: list[str]) -> dict:
-        dataset, row = self.datasets[seq_len], self.order.row_at(seq_len, position)
-        item = dataset[row]
-        error = self._video_error(seq_len, row, item)
+    def _readable_row(self, seq_len: int, position: int, skipped: list[str]) -> RowChoice:
+        row = self.order.row_at(seq_len, position)
+        error = self._video_error(seq_len, row)
         if error is None:
-            return item
+            return RowChoice(row)
 
         def readable(other: int) -> bool:
-            return self._video_error(seq_len, other) is None
+            return self.opens(seq_len, other)
 
+        # Unopenable rows take the spares from the head of the remainder; rows whose frames fail
+        # later take them from its end (video_faults.py), so the two never take the same row.
         replacement = self.order.replacement(seq_len, position, readable)
         if replacement is not None:
             skipped.append(f"{error} (row {row}; row {replacement}, read by no rank in this epoch, takes its place)")
-            return dataset[replacement]
+            return RowChoice(replacement)
         stand_in = self.order.stand_in(seq_len, position, readable)
         if stand_in is None:
             raise VideoReadError(f"no row of the {seq_len}-token data has videos that open; one error: {error}")
         skipped.append(f"{error} (row {row}; no unread row is left in this epoch: row {stand_in} runs in its "
                        f"place with every label ignored)")
-        item = dataset[stand_in]
-        return {**item, "labels": torch.full_like(item["labels"], IGNORE_INDEX)}
+        return RowChoice(stand_in, labels_ignored=True)

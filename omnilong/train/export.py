@@ -17,6 +17,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from omnilong import atomic
 from omnilong.config import Params
+from omnilong.train.disk_space import check_free_space
 
 # Files of a model directory that are not weights or config: carried over from the initial model.
 PREPROCESSING_FILES = (
@@ -33,7 +34,10 @@ def _copy_preprocessing(init_dir: Path, out_dir: Path) -> None:
 
 
 def export_hf_model(engine, run, params: Params) -> None:
-    """Gather the trained weights and write `run.out_dir/model` (and `adapter/` for LoRA) atomically."""
+    """Gather the trained weights and write `run.out_dir/model` (and `adapter/` for LoRA) atomically,
+    once the disk has room for them (each weight once, in its training dtype)."""
+    needed = sum(p.ds_numel * p.element_size() for p in engine.module.parameters())
+    check_free_space(run.out_dir, needed, "the exported model")
     # Collective: every rank takes part in gathering the partitions.
     state = engine._zero3_consolidated_16bit_state_dict()
     if dist.get_rank() == 0:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import IO
 
 from omnilong.config import Params, StageName
 
@@ -35,9 +36,10 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def torchrun(module: str, args: list[str], nproc_per_node: int, nnodes: int = 1) -> int:
+def torchrun(module: str, args: list[str], nproc_per_node: int, nnodes: int = 1, output: IO | None = None) -> int:
     """Run `python -m module args` as `nproc_per_node` ranks per node under torchrun (one node:
-    standalone, no rendezvous server to give); its exit code."""
+    standalone, no rendezvous server to give); its exit code. With `output` (an open file), the
+    ranks' stdout and stderr go there instead of to this process's."""
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node),
@@ -45,7 +47,20 @@ def torchrun(module: str, args: list[str], nproc_per_node: int, nnodes: int = 1)
         "-m", module, *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run(command, env=env).returncode
+    return subprocess.run(command, env=env, stdout=output, stderr=output).returncode
+
+
+def preflight(params: Params, stage: StageName, init: Path, out: Path, checkpoints: Path) -> None:
+    """What would otherwise fail only once every rank has started, or at the first checkpoint:
+    the tracking server answers; the disk has room for a checkpoint and the exported model.
+    Raises TrackingUnreachable or DiskSpaceError."""
+    from omnilong.tracking.store import check_reachable
+    from omnilong.train.disk_space import check_room_for_stage
+
+    if params.tracking.enabled:
+        check_reachable(params.tracking)
+    if init.is_dir():  # else the runner names the missing model
+        check_room_for_stage(init, params.stages[stage].train.finetune, out, checkpoints)
 
 
 def launch(params: Params, args: list[str]) -> int:

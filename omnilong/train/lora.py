@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 
 from omnilong.config import LoraParams
+from omnilong.models.lora_targets import target_pattern
 
 
 def add_lora(model, lora: LoraParams):
     from peft import LoraConfig, get_peft_model
 
-    # Adapt only the language model's projections: the vision tower has modules of the same names.
-    pattern = r".*language_model.*\.(" + "|".join(lora.target_modules) + r")$"
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)
+    # peft matches a string target against each module's full name with re.fullmatch.
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=target_pattern(lora.target_modules).pattern)
     return get_peft_model(model, config)
 
 

@@ -9,7 +9,8 @@ side by side (every rank of a sequence-parallel group reads its group's rows).
 
 Drop-last: when fewer rows are left in an epoch than a step reads, the step starts the next
 epoch and those rows (the epoch's unread remainder) are read by no rank; they take the places
-of rows whose videos cannot be read (`RowOrder.replacement`). A step that reads more rows than
+of rows whose videos cannot be opened (`RowOrder.replacement`, from the remainder's head) or
+whose frames fail to decode (`RowOrder.spare_rows`, from its end). A step that reads more rows than
 the dataset has reads whole epochs and carries on into the next.
 
 The order is a pure function of the seed and the schedule, so a run resumed at step s reads
@@ -80,6 +81,23 @@ class RowOrder:
         unreadable_before = sum(not readable(int(row)) for row in order[:offset])
         unread = (int(row) for row in order[self._read_end[seq_len, epoch]:] if readable(int(row)))
         return next(itertools.islice(unread, unreadable_before, None), None)
+
+    def spare_rows(self, seq_len: int, position: int, opens: Callable[[int], bool]) -> list[int]:
+        """The unread rows of `position`'s epoch that open and that no unopenable row takes, last first.
+
+        `replacement` gives the unopenable rows of the epoch the remainder's first rows that open,
+        one each; what is left after them, taken from the end, can replace rows that fail later
+        (omnilong/train/video_faults.py) without ever meeting those. Looks at every row of the
+        epoch (`opens` should be cached), unless no row of it is unread.
+        """
+        epoch = position // self.num_rows[seq_len]
+        order = epoch_order(self.seed, self.num_rows[seq_len], epoch)
+        read_end = self._read_end[seq_len, epoch]
+        if read_end == len(order):
+            return []
+        taken_from_head = sum(not opens(int(row)) for row in order[:read_end])
+        unread = [int(row) for row in order[read_end:] if opens(int(row))]
+        return unread[taken_from_head:][::-1]
 
     def stand_in(self, seq_len: int, position: int, readable: Callable[[int], bool]) -> int | None:
         """The first readable row after `position` in its epoch's order (wrapping round); None if none is."""

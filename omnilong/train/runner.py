@@ -17,7 +17,6 @@ import contextlib
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +25,27 @@ import torch.distributed as dist
 
 from omnilong.config import STAGE_NAMES, Params, StageName, load_params
 from omnilong.parallel.mesh import build_mesh
-from omnilong.train import checkpoint
+from omnilong.parallel.timeout import (
+    abort_nccl_on_timeout,
+    as_timedelta,
+    bound_every_group,
+    naming_stalled_collectives,
+)
+from omnilong.torch_compat import silence_deprecated_collective_names
+from omnilong.train import checkpoint, rng
 from omnilong.train.batches import IGNORE_INDEX, MicroBatch, StepBatches
 from omnilong.train.deepspeed_config import deepspeed_config, resolve_precision
+from omnilong.train.faults import crash_if_asked, kill_if_asked, stall_if_asked
+from omnilong.train.nonfinite import NonFiniteStreak, check_gradients, injected_nonfinite, skip_update
 from omnilong.train.schedule import lr_factor
 from omnilong.train.step_log import StepLogger
-from omnilong.train.training_module import TrainingModule, language_model_positions, model_inputs, video_shard
+from omnilong.train.training_module import (
+    TrainingModule,
+    language_model_positions,
+    model_inputs,
+    video_shard,
+)
+from omnilong.train.video_faults import VideoFaults
 
 
 @dataclass(frozen=True)
@@ -46,11 +60,15 @@ class StageRun:
     """Pipeline variant (e.g. `no-stage2`): its models register under their own name."""
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout_s: float) -> torch.device:
+    """The default process group (NCCL on this rank's GPU, else gloo); its collectives wait at
+    most `timeout_s` for a peer (omnilong/parallel/timeout.py)."""
     import deepspeed
 
     on_gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    if on_gpu:
+        abort_nccl_on_timeout()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=as_timedelta(timeout_s))
     if on_gpu:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
@@ -90,10 +108,11 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
 
         memory_savers.append(f"the checkpoints of {offload_checkpoints(model)} layers offloaded to host memory")
     if train.tiled_mlp.enabled:
-        from omnilong.train.tiling import tile_mlps
+        from omnilong.train.tiling import tile_mlps_and_norms
 
-        layers = tile_mlps(model, train.tiled_mlp.tile_tokens)
-        memory_savers.append(f"the MLPs of {layers} layers tiled ({train.tiled_mlp.tile_tokens} tokens a tile)")
+        tiled = tile_mlps_and_norms(model, train.tiled_mlp.tile_tokens)
+        memory_savers.append(f"the MLPs of {tiled.mlps} layers and {tiled.norms} RMSNorms tiled "
+                             f"({train.tiled_mlp.tile_tokens} tokens a tile)")
     if memory_savers and dist.get_rank() == 0:
         print(f"[{run.stage}] " + "; ".join(memory_savers), flush=True)
     if train.finetune == "lora":
@@ -108,6 +127,8 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    # DeepSpeed made its data-parallel group (a clone of the world) with torch's default timeout.
+    bound_every_group(params.parallel.timeout_s)
     return engine, ds_config, hf_ds_config
 
 
@@ -189,13 +210,28 @@ def _all_reduce_sum(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """The step's loss per valid token (summed over every rank and micro-batch)."""
+    tokens: float
+    """Tokens the step trained on, over every rank."""
+    grad_norm: float
+    """Global gradient norm before clipping; NaN for a skipped step."""
+    skipped: bool
+    """The loss or a gradient was non-finite: no rank updated anything (omnilong/train/nonfinite.py)."""
+
+
 def train_step(
-    engine, batches: list[MicroBatch], family, device: torch.device, sp: SequenceParallel | None = None
-) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches -> (loss of the step, tokens of the step).
+    engine, batches: list[MicroBatch], family, device: torch.device, sp: SequenceParallel | None = None,
+    *, inject_nonfinite: bool = False,
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches.
 
     The loss is normalised by the valid tokens of the whole step, summed over every rank (each
-    counts its own shard) and micro-batch; see the module docstring for the scaling.
+    counts its own shard) and micro-batch; see the module docstring for the scaling. A non-finite
+    loss or gradient on any rank skips the update on every rank. `inject_nonfinite` (tests only)
+    makes this rank's loss NaN.
     """
     world, accumulation = dist.get_world_size(), len(batches)
     inputs = [step_inputs(batch, family, device, sp) for batch in batches]
@@ -204,14 +240,23 @@ def train_step(
     global_tokens = _all_reduce_sum(sum(b.num_tokens for b in batches), device) / (sp.size if sp else 1)
     scale = world * accumulation / max(global_valid, 1.0)
     loss_sum_local = 0.0
-    for step in inputs:
+    for index, step in enumerate(inputs):
         # Backward runs ring attention too (and recomputes checkpointed layers): same context.
         with step.attention:
             loss_sum, _ = engine(**step.model_kwargs)
+            if inject_nonfinite and index == 0:
+                loss_sum = loss_sum * float("nan")
             engine.backward(loss_sum * scale)
-        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         loss_sum_local += float(loss_sum.detach())
-    return _all_reduce_sum(loss_sum_local, device) / max(global_valid, 1.0), global_tokens
+        if index < accumulation - 1:
+            engine.step()  # accumulates only: DeepSpeed steps the optimizer at the boundary
+    gradients = check_gradients(engine, loss_sum_local, device)
+    if gradients.finite:
+        engine.step()
+    else:
+        skip_update(engine)
+    loss = _all_reduce_sum(loss_sum_local, device) / max(global_valid, 1.0)
+    return StepResult(loss, global_tokens, gradients.grad_norm, skipped=not gradients.finite)
 
 
 def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
@@ -219,10 +264,11 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     from omnilong.data.shards import PackedShards
     from omnilong.train.export import export_hf_model
 
-    device = init_distributed()
+    timeout_s = params.parallel.timeout_s
+    device = init_distributed(timeout_s)
     stage = params.stages[run.stage]
     train = stage.train
-    mesh = build_mesh(stage, device.type)
+    mesh = build_mesh(stage, timeout_s=timeout_s)
     sp = (
         SequenceParallel(mesh.sp_group, mesh.sp_rank, mesh.sp_size, params.parallel.ring_attention)
         if mesh.sp_size > 1 else None
@@ -234,7 +280,10 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
         seq_len: PackedShards(packed_dir if seq_len == stage.seq_len else scheduled_dir(packed_dir, seq_len))
         for seq_len in stage.packed_lengths
     }
+    seed = params.seed + train.seed
+    rng.seed_all(seed)  # the same on every rank: LoRA's initial weights agree
     engine, ds_config, hf_ds_config = build_engine(params, run, device, ring_attention=sp is not None)
+    rng.seed_all(seed + 1 + dist.get_rank())  # each rank its own dropout
     model_config = engine.module.model.config
 
     inputs = checkpoint.resume_inputs(params, run.stage, run.init_dir, dist.get_world_size())
@@ -244,44 +293,64 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     logger = StepLogger(
         params, run, ds_config=ds_config, params_file=params_file,
         resumed_run_id=resumed.get("mlflow_run_id") if resumed else None,
+        committed=resumed.get("step_metrics") if resumed else None,
     )
     logger.start(start_step)
+    batches = StepBatches(
+        datasets, stage.seq_len_at, stage.micro_batch_size_at, num_steps=train.max_steps,
+        grad_accum_steps=train.grad_accum_steps,
+        dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size,
+        seed=seed,
+        family=params.model.family, model_config=model_config, video_params=params.model.video,
+    )
     step_data = torch.utils.data.DataLoader(
-        StepBatches(
-            datasets, stage.seq_len_at, stage.micro_batch_size_at, num_steps=train.max_steps,
-            grad_accum_steps=train.grad_accum_steps,
-            dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size,
-            seed=params.seed + train.seed,
-            family=params.model.family, model_config=model_config, video_params=params.model.video,
-        ),
-        sampler=range(start_step, train.max_steps), batch_size=None,
+        batches, sampler=range(start_step, train.max_steps), batch_size=None,
         **loader_workers(params.data.loader_workers),
     )
+    video_faults = VideoFaults(batches, device, resumed.get("video_faults") if resumed else None)
     skipped_rows, step_data = 0, iter(step_data)
+    if resumed:
+        # After iter(), which draws the loader's seed from torch's generator: from here each rank
+        # draws what it drew at this step before the crash.
+        rng.restore(resumed["rng"])
+    nonfinite = NonFiniteStreak(train.max_nonfinite_steps)
     for step in range(start_step, train.max_steps):
-        started = time.perf_counter()  # waiting for the data counts in the step's time
-        data = next(step_data)
-        for reason in data.skipped:
-            print(f"[rank {dist.get_rank()}] step {step}: skipped a row: {reason}", file=sys.stderr, flush=True)
-        skipped_rows += len(data.skipped)
-        loss, global_tokens = train_step(engine, data.micro_batches, params.model.family, device, sp)
-        logger.step(
-            step, seq_len=stage.seq_len_at(step), loss=loss, lr=engine.get_lr()[0], tokens=global_tokens,
-            seconds=time.perf_counter() - started, grad_norm=engine.get_global_grad_norm(),
-            # Every rank of a sequence-parallel group skips the same rows: count them once.
-            skipped_rows=int(_all_reduce_sum(skipped_rows, device)) // mesh.sp_size,
-        )
-        next_step = step + 1
-        if next_step % train.checkpoint_every == 0 or next_step == train.max_steps:
-            checkpoint.save(
-                engine, run.ckpt_dir, next_step=next_step,
-                state={"resume_inputs": inputs, "mlflow_run_id": logger.run_id},
+        with naming_stalled_collectives(f"step {step}", timeout_s):
+            started = time.perf_counter()  # waiting for the data counts in the step's time
+            # Rows whose frames failed to decode on any rank are replaced alike on every rank.
+            data = video_faults.agree(step, next(step_data))
+            for reason in data.skipped:
+                print(f"[rank {dist.get_rank()}] step {step}: skipped a row: {reason}", file=sys.stderr, flush=True)
+            skipped_rows += len(data.skipped)
+            stall_if_asked(step)
+            kill_if_asked(step)
+            result = train_step(engine, data.micro_batches, params.model.family, device, sp,
+                                inject_nonfinite=injected_nonfinite(step, dist.get_rank()))
+            nonfinite.count(result.skipped)
+            logger.step(
+                step, seq_len=stage.seq_len_at(step), loss=result.loss, lr=engine.get_lr()[0], tokens=result.tokens,
+                seconds=time.perf_counter() - started, grad_norm=result.grad_norm,
+                # Every rank of a sequence-parallel group skips the same rows: count them once.
+                skipped_rows=int(_all_reduce_sum(skipped_rows, device)) // mesh.sp_size,
+                update_skipped=result.skipped, nonfinite_steps=nonfinite.total,
             )
+            nonfinite.stop_if_too_many(step, train.max_steps)
+            crash_if_asked(step, start_step)
+            next_step = step + 1
+            if next_step % train.checkpoint_every == 0 or next_step == train.max_steps:
+                checkpoint.save(
+                    engine, run.ckpt_dir, next_step=next_step, keep=train.keep_checkpoints,
+                    state={"resume_inputs": inputs, "mlflow_run_id": logger.run_id, "step_metrics": logger.pending,
+                           "video_faults": video_faults.state()},
+                )
+                logger.flush()  # the checkpoint committed: its steps are never redone
 
-    export_hf_model(engine, run, params)
+    with naming_stalled_collectives("export", timeout_s):
+        export_hf_model(engine, run, params)
     del hf_ds_config  # kept alive until here: transformers reads it while ZeRO-3 is in use
+    # No collective after the export: the others do not wait while rank 0 registers (uploads)
+    # the model, which can take longer than parallel.timeout_s. Flushes what is still buffered.
     logger.finish()
-    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -297,9 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # DeepSpeed's ZeRO-3 fetches call the collectives torch 2.13 deprecated (all_gather_into_tensor,
-    # reduce_scatter_tensor) on every step; their warning would bury the step log.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    silence_deprecated_collective_names()
     args = parse_args(argv)
     params = load_params(args.params, check_paths=False)
     run = StageRun(args.stage, args.init, args.out, args.checkpoints, args.variant)

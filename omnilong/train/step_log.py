@@ -1,10 +1,13 @@
 """Step logs of a training stage: a console line per step on rank 0, metrics in MLflow.
 
 Each line shows loss, learning rate, tokens/s and the peak memory of every rank. Rank 0 owns the
-stage's MLflow run (omnilong/tracking/runs.py); a resumed stage keeps logging to the run it
-started, so its curve has no gap. Steps between the last checkpoint and a crash are logged again
-when they are redone: MLflow keeps both points of such a step, the later one is current. With
-`tracking.enabled: false` nothing goes to MLflow and the loss curve holds this process's steps.
+stage's MLflow run: one run per stage, however many attempts it takes (omnilong/tracking/attempts.py).
+Step metrics reach MLflow only once a checkpoint holds their steps: rank 0 buffers them and the
+runner flushes them when a checkpoint commits, so the steps a crash loses (those after the last
+checkpoint) were never logged, and their redo logs each once. The checkpoint also carries the
+buffer it commits (`pending`), for a crash between the commit and the flush; and a step already in
+the run is never logged again (a resume from an older checkpoint than the newest flushed one).
+With `tracking.enabled: false` nothing goes to MLflow and the loss curve holds this process's steps.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import json
+import os
 import resource
 import subprocess
 import time
@@ -23,9 +27,12 @@ import torch.distributed as dist
 
 from omnilong import atomic
 from omnilong.config import Params
+from omnilong.tracking import attempts
 from omnilong.tracking.runs import create_run
+from omnilong.tracking.secrets import log_redacted_yaml, redact
 from omnilong.tracking.store import use_experiment
 
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 TRACKED_PACKAGES = ("torch", "transformers", "deepspeed", "peft", "mlflow", "dvc", "prefect", "omnilong")
 
 
@@ -76,7 +83,11 @@ def package_versions() -> dict[str, str]:
 
 
 class StepLogger:
-    def __init__(self, params: Params, run, *, ds_config: dict, params_file: Path, resumed_run_id: str | None):
+    def __init__(
+        self, params: Params, run, *, ds_config: dict, params_file: Path, resumed_run_id: str | None,
+        committed: list | None = None,
+    ):
+        """`resumed_run_id`, `committed`: the run and the `pending` steps the resumed checkpoint holds."""
         self.params = params
         self.run = run
         self.ds_config = ds_config
@@ -84,6 +95,9 @@ class StepLogger:
         self.is_main = dist.get_rank() == 0
         self.tracked = params.tracking.enabled
         self.run_id: str | None = resumed_run_id
+        self.pending: list = list(committed or [])
+        """Rank 0's steps not yet in MLflow: [step, time in ms, {metric: value}] each."""
+        self._logged_through = -1  # the run's last step in MLflow
         self._curve: dict[str, dict[int, float]] = {"train/loss": {}, "train/seq_len": {}}  # tracking off
 
     def start(self, start_step: int) -> None:
@@ -91,19 +105,28 @@ class StepLogger:
             print(f"[{self.run.stage}] {'resuming at step ' + str(start_step) if start_step else 'starting'}; "
                   "tracking off", flush=True)
         elif self.is_main:
-            use_experiment(self.params.tracking, Path("."))  # also for a resumed run's client calls
+            experiment_id = use_experiment(self.params.tracking, Path("."))  # also for a resumed run's calls
             stage_name = self.run.stage + (f"-{self.run.variant}" if self.run.variant else "")
+            task_run = os.environ.get(attempts.TASK_RUN_ENV)
+            if self.run_id is None and task_run:
+                # An earlier attempt of this task that crashed before its first checkpoint.
+                self.run_id = attempts.run_of_task(experiment_id, task_run)
             if self.run_id is None:
-                tags = {"omnilong.stage": self.run.stage, "omnilong.init": str(self.run.init_dir)}
+                tags = {"omnilong.stage": self.run.stage, "omnilong.init": str(self.run.init_dir),
+                        **attempts.first_attempt_tags(task_run)}
                 if self.run.variant:
                     tags["omnilong.variant"] = self.run.variant
                 self.run_id = create_run(self.params, stage_name, tags)
                 self._log_run_inputs()
+                opened = f"MLflow run {self.run_id}"
+            else:
+                opened = f"MLflow run {self.run_id} reopened: {attempts.reopen(self.run_id, task_run)}"
+                self._logged_through = attempts.last_logged_step(self.run_id, "train/loss")
             print(
-                f"[{stage_name}] {'resuming at step ' + str(start_step) if start_step else 'starting'}; "
-                f"MLflow run {self.run_id}",
+                f"[{stage_name}] {'resuming at step ' + str(start_step) if start_step else 'starting'}; {opened}",
                 flush=True,
             )
+            self.flush()  # what the resumed checkpoint committed, if a crash came before its flush
         if self.tracked:
             self.run_id = _broadcast(self.run_id)
 
@@ -114,7 +137,7 @@ class StepLogger:
         client = MlflowClient()
         packed_dir = Path(self.params.data.packed_dir) / self.run.stage
         params = {
-            **flatten("", self.params.model_dump(mode="json")),
+            **flatten("", redact(self.params.model_dump(mode="json"))),
             "run.init": str(self.run.init_dir),
             "run.world_size": str(dist.get_world_size()),
             "data.version": packed_data_version(packed_dir),
@@ -125,13 +148,15 @@ class StepLogger:
         for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per call
             client.log_batch(self.run_id, params=entries[start : start + 100])
         client.log_dict(self.run_id, self.ds_config, "deepspeed_config.json")
-        client.log_artifact(self.run_id, str(self.params_file))
+        log_redacted_yaml(client, self.run_id, self.params_file)
 
     def step(
         self, step: int, *, seq_len: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm,
-        skipped_rows: int = 0,
+        skipped_rows: int = 0, update_skipped: bool = False, nonfinite_steps: int = 0,
     ) -> None:
-        """`skipped_rows`: rows skipped so far because a video could not be read."""
+        """`skipped_rows`: rows skipped so far because a video could not be read. `update_skipped`:
+        this step's loss or gradient was non-finite (omnilong/train/nonfinite.py); `nonfinite_steps`:
+        such steps so far in this attempt."""
         memory = _gather_floats(peak_memory_mb())
         if not self.is_main:
             return
@@ -142,6 +167,7 @@ class StepLogger:
             "train/step_seconds": seconds,
             "train/seq_len": seq_len,
             "data/skipped_rows": skipped_rows,
+            "train/nonfinite_steps": nonfinite_steps,
             **{f"memory/peak_mb_rank{rank}": mb for rank, mb in enumerate(memory)},
         }
         if grad_norm is not None:
@@ -150,25 +176,40 @@ class StepLogger:
             for key, points in self._curve.items():
                 points[step] = metrics[key]
         else:
-            from mlflow import MlflowClient
-            from mlflow.entities import Metric
-
-            now_ms = int(time.time() * 1000)
-            MlflowClient().log_batch(
-                self.run_id, metrics=[Metric(key, value, now_ms, step) for key, value in metrics.items()]
-            )
+            self.pending.append([step, int(time.time() * 1000), metrics])
         memory_text = " ".join(f"r{rank}:{mb:.0f}MB" for rank, mb in enumerate(memory))
         print(
             f"[{self.run.stage}] step {step + 1}/{self.params.stages[self.run.stage].train.max_steps} "
             f"seq {seq_len} loss {loss:.4f} lr {lr:.2e} {tokens / seconds:,.0f} tok/s peak {memory_text}"
-            + (f" skipped rows {skipped_rows}" if skipped_rows else ""),
+            + (f" skipped rows {skipped_rows}" if skipped_rows else "")
+            + (f" non-finite loss or gradient: update skipped on every rank ({nonfinite_steps} so far)"
+               if update_skipped else ""),
             flush=True,
         )
 
+    def flush(self) -> None:
+        """Log the buffered steps to MLflow (rank 0): call it once a checkpoint holding them committed."""
+        if not (self.is_main and self.tracked and self.pending):
+            return
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        points = [
+            Metric(key, value, timestamp, step)
+            for step, timestamp, metrics in self.pending if step > self._logged_through
+            for key, value in metrics.items()
+        ]
+        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
+            MlflowClient().log_batch(self.run_id, metrics=points[start : start + MAX_METRICS_PER_BATCH])
+        self._logged_through = max(self._logged_through, self.pending[-1][0])
+        self.pending = []
+
     def finish(self) -> None:
-        """Register the exported model (rank 0) as a version with the stage's alias."""
+        """Log what is still buffered and register the exported model (rank 0) as a version with
+        the stage's alias."""
         if not self.is_main:
             return
+        self.flush()
         if not self.tracked:
             print(f"[{self.run.stage}] loss curve: {self._plot_loss_curve()} (tracking off: nothing registered)",
                   flush=True)
