@@ -149,7 +149,8 @@ def render_frame(scene: Scene, frame: int, params: VideoSynthParams) -> np.ndarr
 
 
 def encode_mp4(frames: list[np.ndarray], path: Path, fps: int) -> None:
-    """Encode RGB frames as H.264 in mp4, reproducibly: one encoder thread, fixed options."""
+    """Encode RGB frames as H.264 in mp4, reproducibly: one encoder thread, fixed options, each
+    frame converted to YUV on its own."""
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps, options=ENCODER_OPTIONS)
@@ -157,7 +158,10 @@ def encode_mp4(frames: list[np.ndarray], path: Path, fps: int) -> None:
         stream.codec_context.thread_count = 1
         stream.codec_context.time_base = Fraction(1, fps)
         for index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            # Converted here, not by the stream: PyAV's encoder reuses one converter across frames,
+            # and with it about one encode in fifteen came out with different bytes (PyAV 18,
+            # FFmpeg 8), which broke the corpus's reproducibility under DVC.
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
             frame.pts, frame.time_base = index, Fraction(1, fps)
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
