@@ -46,7 +46,7 @@ def test_a_stalled_rank_fails_the_stage_within_the_timeout(stage1_setup):  # noq
     the step, exits non-zero, and torchrun stops the sleeper."""
     raw, root = stage1_setup
     raw = json.loads(json.dumps(raw))
-    timeout_s, sleep_s = 20, 600
+    timeout_s, sleep_s = 12, 600
     raw["parallel"]["timeout_s"] = timeout_s
     raw["tracking"] = {"enabled": False}  # no MLflow start on rank 0 alone: its peer would wait on it
     env = {**project_env(root), STALL_ENV: f"0:1:{sleep_s}"}

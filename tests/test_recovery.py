@@ -1,83 +1,16 @@
-"""Orchestrated recovery: the flow's stage task retries a crashed training stage, which resumes from
-its last checkpoint and continues its one MLflow run; each step is logged once; nothing registered
-is overwritten."""
+"""Orchestrated recovery, its parts: each committed step reaches the stage's one MLflow run once,
+whatever the crash; a retry overwrites nothing registered. The flow retrying real crashes end to
+end is tests/test_train_stage.py::test_the_flow_retries_a_killed_rank_and_a_killed_job_into_a_bit_identical_run."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import yaml
 
-from omnilong.train.faults import CRASH_ENV
-from tests.conftest import REPO, project_env
-from tests.test_train_stage import _client, stage1_setup  # noqa: F401  (the fixture, reused)
-
-# A flow holding the pipeline's stage task alone, its command a 2-rank stage 1 under torchrun.
-ONE_STAGE_FLOW = """
-import sys
-from pathlib import Path
-
-from prefect import flow
-
-from flows.pipeline import stage_task
-from omnilong.config import load_params
-from omnilong.tracking.runs import create_run
-
-
-@flow
-def one_stage(params_file: str) -> None:
-    parent = create_run(load_params(Path(params_file), check_paths=False), "recovery", {})
-    command = [sys.executable, "-m", "omnilong.cli", "train", "--stage", "stage1", "--params", params_file,
-               "--out", "runs/recovery", "--checkpoints", "checkpoints/recovery"]
-    stage_task.with_options(retry_delay_seconds=0)("train stage1", command, Path("."), parent)
-
-
-one_stage(sys.argv[1])
-"""
-
-
-@pytest.mark.slow
-def test_a_crashed_stage_is_retried_by_its_task_and_continues_its_run(stage1_setup):  # noqa: F811
-    """Rank 1 exits after step 2 of 2, before its checkpoint (step 1's committed): the task marks the
-    run FAILED, Prefect retries, the stage resumes at step 2 in the same run, and the run holds each
-    step once: step 1 flushed at its checkpoint, step 2 of the crashed attempt never."""
-    raw, root = stage1_setup
-    raw = json.loads(json.dumps(raw))
-    raw["stages"]["stage1"]["train"].update(max_steps=2, checkpoint_every=1)
-    params_file = root / "recovery.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
-    env = {**project_env(root), CRASH_ENV: "1:1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # flows/
-    result = subprocess.run(
-        [sys.executable, "-c", ONE_STAGE_FLOW, params_file.name],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
-    assert f"[rank 1] {CRASH_ENV}: crashing after step 1" in output
-    assert output.count("step 1/2") == 1 and "step 2/2" in output  # the retry did not redo step 1
-
-    run_id = json.loads((root / "runs/recovery/registration.json").read_text())["run_id"]
-    # The failed attempt's task marked the run FAILED, with its attempt, before the retry reopened it.
-    assert f"MLflow run {run_id} marked FAILED (try 1)" in output
-    assert (f"resuming at step 1; MLflow run {run_id} reopened: attempt 2; it was FAILED after attempt 1 "
-            "(attempt 1: `omnilong.cli train --stage stage1") in output
-    client = _client(root)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["omnilong.attempts"] == "2"
-    assert run.data.tags["omnilong.failure"].startswith("attempt 1: `omnilong.cli train --stage stage1")
-    siblings = client.search_runs([run.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{run.data.tags['mlflow.parentRunId']}'")
-    assert [other.info.run_id for other in siblings] == [run_id]  # one run for the stage
-    for metric in ("train/loss", "train/lr", "memory/peak_mb_rank1"):
-        assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [0, 1], metric
+from tests.conftest import REPO
 
 
 @pytest.fixture

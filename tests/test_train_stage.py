@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import project_env
+from tests.conftest import REPO, project_env
 
 pytestmark = pytest.mark.slow
 
@@ -117,42 +117,82 @@ def test_lora_stage_registers_merged_weights_and_logs_the_adapter(stage1_setup, 
     assert {"adapter", "model"} <= artifacts
 
 
-def test_killed_rank_and_killed_job_resume_bit_identical(stage1_setup, lora_run):
-    """Two real crashes of the LoRA stage (dropout: every rank's RNG matters), then a clean end:
+# A flow holding the pipeline's stage task alone (its retries and failure handling), its command
+# the stage under torchrun.
+ONE_STAGE_FLOW = """
+import sys
+from pathlib import Path
 
-    1. rank 1 SIGKILLed in step 4 of 4, after step 2's checkpoint;
-    2. the rerun resumes at step 2; the whole job is SIGKILLed once every rank wrote step 4's
+from prefect import flow
+
+from flows.pipeline import stage_task
+from omnilong.config import load_params
+from omnilong.tracking.runs import create_run
+
+
+@flow
+def one_stage(params_file: str, out: str, checkpoints: str) -> None:
+    parent = create_run(load_params(Path(params_file), check_paths=False), "recovery", {})
+    command = [sys.executable, "-m", "omnilong.cli", "train", "--stage", "stage1", "--params", params_file,
+               "--out", out, "--checkpoints", checkpoints]
+    stage_task.with_options(retry_delay_seconds=0)("train stage1", command, Path("."), parent)
+
+
+one_stage(*sys.argv[1:])
+"""
+
+
+def test_the_flow_retries_a_killed_rank_and_a_killed_job_into_a_bit_identical_run(stage1_setup, lora_run):
+    """The LoRA stage (dropout: every rank's RNG matters) under the flow's stage task, which
+    retries it twice:
+
+    1. attempt 1: rank 1 SIGKILLed in step 4 of 4, after step 2's checkpoint;
+    2. attempt 2 resumes at step 2; the whole job is SIGKILLed once every rank wrote step 4's
        checkpoint, before it was published;
-    3. the rerun passes over that checkpoint, resumes at step 2 again and ends with the
+    3. attempt 3 passes over that checkpoint, resumes at step 2 again and ends with the
        uninterrupted run's weights, bit for bit, and its losses.
-    """
+
+    Each failed attempt's task marks the stage's one MLflow run FAILED, each retry reopens it, and
+    the run holds each step once: steps 3 and 4 of the killed attempts were never committed."""
     from omnilong.train.checkpoint import MANIFEST
-    from omnilong.train.faults import KILL_BEFORE_PUBLISH_ENV, KILL_ENV
+    from omnilong.train.faults import KILL_BEFORE_PUBLISH_ENV, KILL_ENV, MARKS_ENV
 
     raw, root = stage1_setup
     ckpt = root / "checkpoints/lora-kill"
+    params_file = root / "lora-kill.yaml"
+    params_file.write_text(yaml.safe_dump(_lora(raw)))
+    # Each fault once: the first is met in attempt 1, the second (past the first's step) in attempt 2.
+    env = {**project_env(root), KILL_ENV: "1:3", KILL_BEFORE_PUBLISH_ENV: "4", MARKS_ENV: str(root / "fault-marks")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # flows/
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_STAGE_FLOW, params_file.name, "runs/lora-kill", str(ckpt)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
 
-    def attempt(fault: dict) -> subprocess.CompletedProcess:
-        return _train(root, _lora(raw), "lora", "runs/lora-kill", str(ckpt), env={**project_env(root), **fault})
-
-    killed = attempt({KILL_ENV: "1:3"})
-    assert killed.returncode != 0 and f"{KILL_ENV}: killed in step 3: SIGKILL" in killed.stdout
-    assert "step 3/4" in killed.stdout and not (root / "runs/lora-kill/model").exists()
-
-    killed = attempt({KILL_BEFORE_PUBLISH_ENV: "4"})
-    assert killed.returncode != 0, killed.stdout[-3000:] + killed.stderr[-3000:]
-    assert "resuming at step 2" in killed.stdout and "step 2/4" not in killed.stdout and "step 4/4" in killed.stdout
-    assert f"{KILL_BEFORE_PUBLISH_ENV}: checkpoint for step 4 written, not published" in killed.stdout
-    assert len(list((ckpt / "step0000004").glob("*model_states.pt"))) == 2  # every rank's files
-    assert not (ckpt / "step0000004" / MANIFEST).exists() and (ckpt / "latest").read_text() == "step0000002"
-
-    resumed = attempt({})
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert (f"resuming from step0000002, passing over: {ckpt / 'step0000004'}: incomplete" in resumed.stdout
-            and "resuming at step 2" in resumed.stdout)
+    assert output.count(f"[rank 1] {KILL_ENV}: killed in step 3: SIGKILL") == 1
+    assert f"{KILL_BEFORE_PUBLISH_ENV}: checkpoint for step 4 written, not published" in output
+    assert f"resuming from step0000002, passing over: {ckpt / 'step0000004'}: incomplete" in output
+    # Steps 1 and 2 once; step 3 in every attempt; step 4 in the two that reached it.
+    assert [output.count(f"step {n}/4") for n in range(1, 5)] == [1, 1, 3, 2], output[-5000:]
     _assert_bit_identical(root, "runs/lora-kill", lora_run)
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002", "step0000004"]
     assert (ckpt / "step0000004" / MANIFEST).is_file()
+
+    run_id = json.loads((root / "runs/lora-kill/registration.json").read_text())["run_id"]
+    for attempt in (1, 2):
+        assert f"MLflow run {run_id} marked FAILED (try {attempt})" in output
+        assert (f"resuming at step 2; MLflow run {run_id} reopened: attempt {attempt + 1}; it was FAILED after "
+                f"attempt {attempt} (attempt {attempt}: `omnilong.cli train --stage stage1") in output
+    client = _client(root)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["omnilong.attempts"] == "3"
+    siblings = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run.data.tags['mlflow.parentRunId']}'")
+    assert [other.info.run_id for other in siblings] == [run_id]  # one run for the stage
+    for metric in ("train/loss", "train/lr", "memory/peak_mb_rank1"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, metric)) == [0, 1, 2, 3], metric
 
 
 def test_a_text_stage_runs_without_mlflow_or_video_decoders(stage1_setup, tmp_path):
@@ -317,22 +357,30 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def test_a_nonfinite_step_skips_the_update_on_every_rank(stage1_setup):
-    """Rank 1's loss is NaN at step 2 of 2 (the runner's test-only injection point): neither rank
-    updates anything (its fp32 weights and AdamW states after step 2 are those after step 1), the
-    LR schedule still advances, the step is logged as skipped and counted, and the stage ends."""
+def test_nonfinite_steps_skip_their_update_on_every_rank_and_too_many_in_a_row_stop_the_stage(stage1_setup):
+    """Through the runner's test-only injection point, rank 1's loss is NaN at step 2 and rank 0's
+    at step 3, with train.max_nonfinite_steps 2. At step 2 neither rank updates anything (its fp32
+    weights and AdamW states after step 2 are those after step 1), the LR schedule still advances,
+    the step is logged as skipped and counted, and training goes on; step 3 makes two in a row: the
+    stage stops there, naming the step and the count, and exports nothing."""
+    from omnilong.train.checkpoint import MANIFEST
     from omnilong.train.nonfinite import TEST_INJECTION_ENV
 
     raw, root = stage1_setup
     raw = json.loads(json.dumps(raw))
-    raw["stages"]["stage1"]["train"].update(max_steps=2, checkpoint_every=1)
-    env = {**project_env(root), TEST_INJECTION_ENV: "2@1"}
+    raw["stages"]["stage1"]["train"].update(checkpoint_every=1, keep_checkpoints=4, max_nonfinite_steps=2)
+    env = {**project_env(root), TEST_INJECTION_ENV: "2@1,3@0"}
     result = _train(root, raw, "nonfinite", "runs/nonfinite", "checkpoints/nonfinite", env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "update skipped" not in result.stdout.split("step 2/2")[0]
+    assert result.returncode != 0
+    assert "update skipped" not in result.stdout.split("step 2/4")[0]
     assert "non-finite loss or gradient: update skipped on every rank (1 so far)" in result.stdout
+    assert ("step 3/4: 2 optimizer steps in a row had a non-finite loss or gradient norm "
+            "(train.max_nonfinite_steps: 2); stopping the stage") in result.stderr
+    assert "step 4/4" not in result.stdout
+    assert not (root / "runs/nonfinite/model").exists()
 
     ckpt = root / "checkpoints/nonfinite"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000001", "step0000002"]
     for rank in range(2):
         optimizer = [
             torch.load(ckpt / tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
@@ -350,26 +398,10 @@ def test_a_nonfinite_step_skips_the_update_on_every_rank(stage1_setup):
     ]
     assert schedulers == [1, 2]
 
-    run_id = json.loads((root / "runs/nonfinite/registration.json").read_text())["run_id"]
+    # Flushed when step 2's checkpoint committed; step 3 was never committed.
+    run_id = json.loads((ckpt / "step0000002" / MANIFEST).read_text())["mlflow_run_id"]
     client = _client(root)
     counted = {m.step: m.value for m in client.get_metric_history(run_id, "train/nonfinite_steps")}
     assert counted == {0: 0, 1: 1}
     norms = {m.step: m.value for m in client.get_metric_history(run_id, "train/grad_norm")}
     assert norms[0] > 0 and norms[1] != norms[1]  # NaN at the skipped step
-
-
-def test_nonfinite_steps_in_a_row_stop_the_stage(stage1_setup):
-    """Steps 2 (rank 0) and 3 (rank 1) non-finite with train.max_nonfinite_steps 2: the stage stops
-    at step 3, naming the step and the count, and exports nothing."""
-    from omnilong.train.nonfinite import TEST_INJECTION_ENV
-
-    raw, root = stage1_setup
-    raw = json.loads(json.dumps(raw))
-    raw["stages"]["stage1"]["train"].update(max_nonfinite_steps=2)
-    env = {**project_env(root), TEST_INJECTION_ENV: "2@0,3@1"}
-    result = _train(root, raw, "nonfinite-stop", "runs/nonfinite-stop", "checkpoints/nonfinite-stop", env=env)
-    assert result.returncode != 0
-    assert ("step 3/4: 2 optimizer steps in a row had a non-finite loss or gradient norm "
-            "(train.max_nonfinite_steps: 2); stopping the stage") in result.stderr
-    assert "step 4/4" not in result.stdout
-    assert not (root / "runs/nonfinite-stop/model").exists()

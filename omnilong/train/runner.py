@@ -35,7 +35,7 @@ from omnilong.torch_compat import silence_deprecated_collective_names
 from omnilong.train import checkpoint, rng
 from omnilong.train.batches import IGNORE_INDEX, MicroBatch, StepBatches
 from omnilong.train.deepspeed_config import deepspeed_config, resolve_precision
-from omnilong.train.faults import crash_if_asked, kill_if_asked, stall_if_asked
+from omnilong.train.faults import kill_if_asked, stall_if_asked
 from omnilong.train.nonfinite import NonFiniteStreak, check_gradients, injected_nonfinite, skip_update
 from omnilong.train.schedule import lr_factor
 from omnilong.train.step_log import StepLogger
@@ -335,7 +335,6 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
                 update_skipped=result.skipped, nonfinite_steps=nonfinite.total,
             )
             nonfinite.stop_if_too_many(step, train.max_steps)
-            crash_if_asked(step, start_step)
             next_step = step + 1
             if next_step % train.checkpoint_every == 0 or next_step == train.max_steps:
                 checkpoint.save(
