@@ -29,7 +29,6 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|AUTH_STRING|TOKEN")
 REFERENCE = re.compile(r"(?<!\$)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
 REQUIRED_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*:\?[^}]*\}$")
 DEFAULTED_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}")
-URL_PASSWORD = re.compile(r"://[^:/@\s]+:([^@\s]+)@")
 
 
 def load_compose() -> dict:
