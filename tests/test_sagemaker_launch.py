@@ -26,7 +26,13 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
+from sagemaker.train.container_drivers.common.utils import hyperparameters_to_cli_args
+from typer.testing import CliRunner
 
+from omnilong.cli import app
+from omnilong.config import load_params
+from omnilong.sagemaker import entry
+from omnilong.sagemaker.job import fetch_model, wait_for_job
 from tests.conftest import REPO, free_port, project_env
 
 BUCKET = "omnilong-jobs"
@@ -104,10 +110,11 @@ def omnilong(project: Path, env: dict, *args: str) -> subprocess.CompletedProces
 
 
 def staged(s3, uri: str) -> dict[str, bytes]:
-    """The files under an S3 prefix, by their path below it."""
+    """The files a channel's S3 URI names (a prefix, or one object), by their path below it."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]]
-    return {key.removeprefix(prefix + "/"): s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]]
+    return {key.removeprefix(prefix).lstrip("/") or key.rpartition("/")[2]:
+            s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
 def recorded_request(recording: Path, target: str) -> dict:
@@ -118,6 +125,7 @@ def recorded_request(recording: Path, target: str) -> dict:
     return json.loads(base64.b64decode(body) if isinstance(body, str) and not body.startswith("{") else body)
 
 
+@pytest.mark.slow  # 10-20 s here: the CLI imports the SageMaker SDK and DVC, on shared CPUs
 def test_launch_creates_the_stage_job(project, aws_env, moto):
     """The job moto stored is the stage's: image, instances, torchrun, dvc pull + the stage, outputs, MLflow."""
     _, recording = moto
@@ -151,6 +159,11 @@ def test_launch_creates_the_stage_job(project, aws_env, moto):
                   "--checkpoints", "/opt/ml/checkpoints"],
         "remote": "team",
     }
+    # What the entry script gets from the SDK's driver in the container.
+    args = entry.parse_args(hyperparameters_to_cli_args(job["HyperParameters"]))
+    assert (args.pull, args.train, args.remote) == (hyper["pull"], hyper["train"], "team")
+    assert entry.pull_command(args.pull, args.remote)[-5:] == [
+        "pull", "--remote", "team", "runs/stage1/model", "data/packed/stage2"]
     # The torchrun distribution: the container runs the SDK's sm_train.sh, which starts its
     # torchrun driver around the entry script, with the process count from parallel.nproc_per_node.
     assert job["AlgorithmSpecification"]["ContainerEntrypoint"] == ["/bin/bash"]
@@ -162,7 +175,11 @@ def test_launch_creates_the_stage_job(project, aws_env, moto):
     assert json.loads(drivers["distributed.json"])["process_count_per_node"] == 2
     assert json.loads(drivers["sourcecode.json"])["entry_script"] == "omnilong/sagemaker/entry.py"
     assert "distributed_drivers/torchrun_driver.py" in drivers["sm_train.sh"].decode()
-    code = staged(s3, channels["code"])
+    assert "tar -xzf project.tar.gz" in drivers["sm_train.sh"].decode()
+    [(archive_name, archive)] = staged(s3, channels["code"]).items()
+    assert archive_name == "project.tar.gz"  # sm_train.sh unpacks it in the code channel's folder
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        code = {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}
     assert code["params.yaml"] == (project / "params.yaml").read_bytes()
     assert "omnilong/sagemaker/entry.py" in code and "dvc.yaml" in code
     assert code[".dvc/config.local"] == b"[core]\n    no_scm = true\n"  # the user's own is never staged
@@ -175,6 +192,7 @@ def test_launch_creates_the_stage_job(project, aws_env, moto):
     assert job["TrainingJobStatus"] == "Completed"  # moto's, at once
 
 
+@pytest.mark.slow  # as above
 def test_wait_follows_the_job_and_fetches_its_model(project, aws_env, monkeypatch):
     """--wait on moto: the job is Completed at the first look, so the model is fetched at once; with no
     model.tar.gz where SageMaker would put it, the command says so and fails."""
@@ -184,9 +202,6 @@ def test_wait_follows_the_job_and_fetches_its_model(project, aws_env, monkeypatc
     [name] = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("training job ")]
     assert f"{name}: Completed" in result.stdout
     assert f"s3://{BUCKET}/omnilong/{name}/output/model.tar.gz: the job's model could not be read" in result.stderr
-
-    from omnilong.config import load_params
-    from omnilong.sagemaker.job import fetch_model, wait_for_job
 
     for name_, value in aws_env.items():
         monkeypatch.setenv(name_, value)
@@ -204,8 +219,10 @@ def test_wait_follows_the_job_and_fetches_its_model(project, aws_env, monkeypatc
     assert json.loads((out / "registration.json").read_text()) == {"alias": "stage3"}
 
 
-def test_launch_refuses_bad_settings(project):
+def test_launch_refuses_bad_settings(project, monkeypatch):
     """Each bad setting fails before anything reaches AWS, naming the field; no password is printed."""
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: no request may be needed
     without_role = {key: value for key, value in SAGEMAKER.items() if key != "role_arn"}
     cases = [
         ({"sagemaker": without_role}, 2, "sagemaker.role_arn: required key is missing"),
@@ -218,7 +235,8 @@ def test_launch_refuses_bad_settings(project):
     ]
     for changes, code, message in cases:
         write_params(project, **changes)
-        result = omnilong(project, {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "launch", "sagemaker", "--stage", "1")
-        assert (result.returncode, message) == (code, message) and message in " ".join(result.stderr.split()), \
-            result.stderr
-        assert "Traceback" not in result.stderr and "hunter2" not in result.stderr + result.stdout
+        result = CliRunner().invoke(app, ["launch", "sagemaker", "--stage", "1"])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert (result.exit_code, message) == (code, message) and message in " ".join(result.output.split()), \
+            result.output
+        assert "hunter2" not in result.output

@@ -54,12 +54,17 @@ def mlflow_credentials(secret_id: str) -> dict[str, str]:
     return {"MLFLOW_TRACKING_USERNAME": secret["username"], "MLFLOW_TRACKING_PASSWORD": secret["password"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The job's hyperparameters, as the SDK's driver passes them: `--name value`, lists as JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pull", type=json.loads, required=True)
     parser.add_argument("--train", type=json.loads, required=True)
     parser.add_argument("--remote", default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     pull_inputs(args.pull, args.remote)
     env = dict(os.environ)
     if os.environ.get(MLFLOW_SECRET_ENV):

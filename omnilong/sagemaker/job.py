@@ -85,7 +85,8 @@ def stage_job(project: Path, dvc_stage: str) -> StageJob:
 
 
 def stage_project(root: Path, params_file: Path, into: Path) -> None:
-    """Copy the project's files that git does not ignore into `into`, `params_file` as its params.yaml.
+    """Copy the project's files that git does not ignore into the new folder `into`, `params_file`
+    as its params.yaml.
 
     Ignored files stay behind: data and models (the job pulls them with DVC), run state, and
     .dvc/config.local, where a user keeps the remote's credentials. Without .git in the copy, DVC
@@ -98,7 +99,7 @@ def stage_project(root: Path, params_file: Path, into: Path) -> None:
     for name in filter(None, listed.stdout.split("\0")):
         source = root / name
         if source.is_file():
-            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            (into / name).parent.mkdir(parents=True, exist_ok=True)  # makes `into` too
             shutil.copy2(source, into / name)
     shutil.copy2(params_file, into / "params.yaml")
     (into / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")
@@ -139,8 +140,10 @@ def launch_stage(params: Params, params_file: Path, root: Path, stage: StageName
     from botocore.exceptions import BotoCoreError, ClientError
     from sagemaker.core.helper.iam_role_resolver import RoleValidationError
     from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.training.configs import (
+        CheckpointConfig, Compute, OutputDataConfig, SourceCode, StoppingCondition,
+    )
     from sagemaker.train import ModelTrainer
-    from sagemaker.train.configs import CheckpointConfig, Compute, OutputDataConfig, SourceCode, StoppingCondition
     from sagemaker.train.distributed import Torchrun
 
     settings = params.sagemaker
@@ -151,9 +154,13 @@ def launch_stage(params: Params, params_file: Path, root: Path, stage: StageName
     bucket, _, prefix = settings.output_path.removeprefix("s3://").partition("/")
     prefix = prefix.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="omnilong-sagemaker-") as staged:
-        project = Path(staged)
+        project, archive = Path(staged) / "project", Path(staged) / "project.tar.gz"
         stage_project(root, params_file, project)
         job = stage_job(project, dvc_stage)
+        # One object to upload rather than one per file; the SDK's sm_train.sh unpacks it in the container.
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in sorted(project.iterdir()):
+                tar.add(path, arcname=path.name)
         hyperparameters = {"pull": job.pull, "train": job.train_args}
         if settings.dvc_remote:
             hyperparameters["remote"] = settings.dvc_remote
@@ -166,7 +173,7 @@ def launch_stage(params: Params, params_file: Path, root: Path, stage: StageName
                 role=settings.role_arn,
                 training_image=settings.image_uri,
                 base_job_name=f"omnilong-{key}",
-                source_code=SourceCode(source_dir=str(project), entry_script=ENTRY_SCRIPT),
+                source_code=SourceCode(source_dir=str(archive), entry_script=ENTRY_SCRIPT),
                 distributed=Torchrun(process_count_per_node=params.parallel.nproc_per_node),
                 compute=Compute(instance_type=settings.instance_type, instance_count=settings.instance_count,
                                 volume_size_in_gb=settings.volume_size_gb),
@@ -188,10 +195,15 @@ def launch_stage(params: Params, params_file: Path, root: Path, stage: StageName
 
 def wait_for_job(settings: SageMakerParams, name: str, log: Callable[[str], None] = print) -> dict:
     """Follow the job's status until it ends; its description. Raises LaunchError unless Completed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     client = _boto_session(settings).client("sagemaker")
     last = None
     while True:
-        job = client.describe_training_job(TrainingJobName=name)
+        try:
+            job = client.describe_training_job(TrainingJobName=name)
+        except (BotoCoreError, ClientError) as exc:
+            raise LaunchError(f"training job {name}: its status could not be read ({exc})") from None
         status = (job["TrainingJobStatus"], job.get("SecondaryStatus"))
         if status != last:
             log(f"{name}: {status[0]} ({status[1]})")
