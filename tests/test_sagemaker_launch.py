@@ -240,3 +240,42 @@ def test_launch_refuses_bad_settings(project, monkeypatch):
         assert (result.exit_code, message) == (code, message) and message in " ".join(result.output.split()), \
             result.output
         assert "hunter2" not in result.output
+
+
+@pytest.mark.slow  # DVC and the CLI in several processes
+def test_entry_pulls_the_inputs_once_then_runs_the_stage_command(project, aws_env, tmp_path):
+    """In a copy of the code as the job gets it (no .git, no data), the entry's first rank pulls the
+    inputs from an S3 DVC remote (moto's) and every rank then runs `omnilong train` with the job's
+    arguments: here a stage that does not exist, so each rank ends with the CLI's exit 2."""
+    from omnilong.sagemaker.job import stage_project
+
+    env = {**project_env(project), **aws_env}
+    s3 = boto3.client("s3", endpoint_url=aws_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="omnilong-dvc")
+    corpus = project / "data" / "raw" / "user" / "probe"
+    corpus.mkdir(parents=True)
+    (corpus / "text.jsonl").write_text('{"text": "a document"}\n')
+    dvc = [sys.executable, "-m", "dvc"]
+    for command in (["remote", "add", "team", "s3://omnilong-dvc/cache"],
+                    ["remote", "modify", "team", "endpointurl", aws_env["AWS_ENDPOINT_URL"]],
+                    ["add", "data/raw/user/probe"], ["push", "--remote", "team", "data/raw/user/probe"]):
+        done = subprocess.run([*dvc, *command], cwd=project, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    code = tmp_path / "code"
+    stage_project(project, project / "params.yaml", code)
+    assert not (code / "data" / "raw" / "user" / "probe").exists()
+
+    args = ["--pull", '["data/raw/user/probe"]', "--remote", "team", "--train", '["--stage", "9"]']
+    ranks = [subprocess.Popen([sys.executable, "omnilong/sagemaker/entry.py", *args], cwd=code,
+                              env={**env, "LOCAL_RANK": str(rank), "PYTHONPATH": ""},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (1, 0)]  # the waiting rank first
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert (code / "data" / "raw" / "user" / "probe" / "text.jsonl").read_text() == '{"text": "a document"}\n'
+    assert (code / ".omnilong-inputs-pulled").exists()
+    for rank, (_, stderr) in zip(ranks, outputs):
+        assert rank.returncode == 2, stderr
+        assert "--stage: expected one of 1, 2, 3" in stderr
+    pulled = ["1 file added" in stdout + stderr for stdout, stderr in outputs]
+    assert pulled == [False, True], outputs  # rank 1 waited for rank 0's pull
