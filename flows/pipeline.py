@@ -7,6 +7,11 @@ inputs did not change is skipped by DVC rather than re-run. A retried training t
 from its stage's last DeepSpeed checkpoint (kept outside DVC's outputs) and continues the
 stage's MLflow run, which the failed attempt's task marked FAILED (omnilong/tracking/attempts.py).
 
+With `launcher="sagemaker"` each training stage DVC does not find up to date runs as a SageMaker
+training job instead (`omnilong launch sagemaker`): its inputs are pushed to the DVC remote, the
+job is followed to its end, its model is unpacked into the stage's runs/ folder, committed to
+dvc.lock and pushed, so the next stage's job can pull it and a later `dvc repro` skips the stage.
+
 One MLflow parent run per flow run: the training stages and the evaluation nest their runs
 under it, and after each training task the parent records the registered model version the
 stage produced (or, when DVC skipped the stage, the version registered when it last ran).
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import networkx as nx
 from dvc.repo import Repo
@@ -81,6 +87,30 @@ def repro_stage(stage: str, repo_root: Path, parent_run_id: str) -> None:
     stage_task(f"dvc repro {stage}", command, repo_root, parent_run_id)
 
 
+def up_to_date(stage: str, repo_root: Path) -> bool:
+    with Repo(str(repo_root)) as repo:
+        return not repo.status(targets=[stage])
+
+
+def sagemaker_stage(stage: str, params: Params, repo_root: Path, parent_run_id: str) -> None:
+    """A training stage as a SageMaker job, its inputs and output going through the DVC remote."""
+    from omnilong.sagemaker.job import stage_job
+
+    key = stage.removeprefix(TRAIN_STAGE_PREFIX)
+    train_stage, _, variant = key.partition("-")
+    push = [sys.executable, "-m", "dvc", "push", *(["--remote", params.sagemaker.dvc_remote]
+                                                   if params.sagemaker.dvc_remote else [])]
+    inputs = stage_job(repo_root, stage).pull
+    if inputs:  # `dvc push` without targets pushes everything
+        stage_task(f"dvc push {stage} inputs", [*push, *inputs], repo_root, parent_run_id)
+    launch = [sys.executable, "-m", "omnilong.cli", "launch", "sagemaker", "--stage", train_stage, "--wait",
+              *(["--variant", variant] if variant else [])]
+    stage_task(f"sagemaker {stage}", launch, repo_root, parent_run_id)
+    stage_task(f"dvc commit {stage}", [sys.executable, "-m", "dvc", "commit", "--force", stage],
+               repo_root, parent_run_id)
+    stage_task(f"dvc push {stage}", [*push, stage], repo_root, parent_run_id)
+
+
 def link_registered_model(stage: str, repo_root: Path, parent_run_id: str) -> dict:
     """Record on the parent run the model version a training stage registered (run now or earlier)."""
     from mlflow import MlflowClient
@@ -114,19 +144,26 @@ def run_experiment(name: str, target: str, overrides: dict[str, object], repo_ro
 
 @flow(name="omnilong", log_prints=True)
 def omnilong_pipeline(
-    variant: str = "full", overrides: dict[str, object] | None = None, repo_root: Path = Path(".")
+    variant: str = "full", overrides: dict[str, object] | None = None, repo_root: Path = Path("."),
+    launcher: Literal["torchrun", "sagemaker"] = "torchrun",
 ) -> None:
     """The OmniLong recipe on params.yaml: `full` (stages 1-3) or `no-stage2` (the ablation).
 
     `overrides` ({"stages.stage1.train.max_steps": 2, ...}) runs it as a DVC experiment instead.
+    `launcher`: where the training stages run, torchrun on this machine or SageMaker jobs
+    (params.yaml's `sagemaker` block).
     """
     from mlflow import MlflowClient
 
     if variant not in VARIANT_TARGETS:
         raise ValueError(f"variant: expected one of {', '.join(VARIANT_TARGETS)}, given {variant!r}")
+    if launcher == "sagemaker" and overrides:
+        raise ValueError("overrides: a DVC experiment runs its stages locally; expected none with launcher=sagemaker")
     repo_root = repo_root.resolve()
     os.chdir(repo_root)  # MLflow's local store and DVC's paths are relative to the project
     params = load_params(repo_root / "params.yaml")  # dvc.yaml's stages read this file
+    if launcher == "sagemaker" and params.sagemaker is None:
+        raise ValueError("launcher: sagemaker needs the sagemaker block of params.yaml (see README)")
     started = time.monotonic()
     parent_run_id = create_run(params, f"pipeline-{variant}", {"omnilong.variant": variant})
 
@@ -154,7 +191,10 @@ def omnilong_pipeline(
 
     registered = []
     for stage in stages_for(repo_root, VARIANT_TARGETS[variant]):
-        repro_stage(stage, repo_root, parent_run_id)
+        if launcher == "sagemaker" and stage.startswith(TRAIN_STAGE_PREFIX) and not up_to_date(stage, repo_root):
+            sagemaker_stage(stage, params, repo_root, parent_run_id)
+        else:
+            repro_stage(stage, repo_root, parent_run_id)
         if stage.startswith(TRAIN_STAGE_PREFIX):
             registered.append(link_registered_model(stage, repo_root, parent_run_id))
     MlflowClient().set_terminated(parent_run_id)

@@ -21,6 +21,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 report_app = typer.Typer(no_args_is_help=True, help="Reports that compare evaluations.")
 app.add_typer(report_app, name="report")
+launch_app = typer.Typer(no_args_is_help=True, help="Training stages on managed services.")
+app.add_typer(launch_app, name="launch")
 
 err_console = Console(stderr=True)
 
@@ -180,6 +182,38 @@ def train(
     except (TrackingUnreachable, DiskSpaceError) as exc:
         raise _fail(str(exc), 1) from None
     raise typer.Exit(launch(cfg, runner_args(name, params, init, out, checkpoints, variant)))
+
+
+@launch_app.command("sagemaker")
+def launch_sagemaker(
+    stage: Annotated[str, typer.Option(help="1, 2, 3 or stage1..stage3.")],
+    params: ParamsOption = Path("params.yaml"),
+    variant: Annotated[Optional[str], typer.Option(help="Pipeline variant, e.g. no-stage2.")] = None,
+    wait: Annotated[bool, typer.Option(
+        help="Follow the job until it ends; exit 1 unless it completed, else unpack its model into runs/<stage>.")
+    ] = False,
+) -> None:
+    """Train one stage as a SageMaker training job (the `sagemaker` block of the parameters).
+
+    The job pulls the stage's inputs from the DVC remote (`dvc push` them first) and runs the
+    stage's dvc.yaml command under torchrun on each instance; its model goes to the output path.
+    """
+    name = _stage_name(stage)
+    cfg = _load(params)
+    if cfg.sagemaker is None:
+        raise _fail(f"{params}: sagemaker: expected a sagemaker block (role_arn, image_uri, instance_type, "
+                    "output_path, region) to launch a SageMaker job; see `omnilong config schema`", 2)
+    from omnilong.sagemaker.job import LaunchError, dvc_stage_name, fetch_model, launch_stage, wait_for_job
+
+    try:
+        job_name = launch_stage(cfg, params, Path.cwd(), name, variant, log=typer.echo)
+        if wait:
+            job = wait_for_job(cfg.sagemaker, job_name, log=typer.echo)
+            out = Path("runs") / dvc_stage_name(name, variant).removeprefix("train@")
+            fetch_model(cfg.sagemaker, job, out)
+            typer.echo(f"{job_name}: model unpacked into {out}")
+    except LaunchError as exc:
+        raise _fail(str(exc), 1) from None
 
 
 @app.command("probe")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -505,6 +506,56 @@ class TrackingParams(_Params):
     experiment: Annotated[str, Field(min_length=1)] = "omnilong"
 
 
+class SageMakerParams(_Params):
+    """A stage as a SageMaker training job (`omnilong launch sagemaker`): the job runs the
+    project's training image on `instance_count` instances of `instance_type`, one torchrun agent
+    each with `parallel.nproc_per_node` ranks."""
+
+    role_arn: str
+    """The job's execution role: it reads the DVC remote and the staged code, writes `output_path`."""
+    image_uri: str
+    """The training image (the project's Dockerfile) in a registry SageMaker can pull from (ECR)."""
+    instance_type: str
+    """e.g. ml.p4d.24xlarge."""
+    instance_count: PositiveInt = 1
+    """Instances, one torchrun node each: equal to `parallel.nnodes`."""
+    output_path: str
+    """S3 prefix of the job's outputs (`<output_path>/<job>/output/model.tar.gz`) and staged code."""
+    region: str
+    volume_size_gb: PositiveInt = 100
+    """Each instance's storage volume: the stage's pulled inputs, checkpoints and exported model."""
+    max_runtime_s: PositiveInt = 86_400
+    """SageMaker stops the job after this long."""
+    dvc_remote: Annotated[str, Field(min_length=1)] | None = None
+    """The DVC remote (S3) the job pulls the stage's inputs from; null: the project's default remote."""
+    mlflow_credentials_secret: Annotated[str, Field(min_length=1)] | None = None
+    """Name or ARN of a Secrets Manager secret, a JSON object with `username` and `password`, that
+    the job reads with its role for an MLflow server with basic auth, so that no password is in
+    the job's request (which DescribeTrainingJob shows to anyone allowed to call it)."""
+    poll_s: Annotated[float, Field(gt=0)] = 30
+    """Seconds between status checks of `--wait`."""
+
+    @field_validator("role_arn", "image_uri", "instance_type", "output_path", "region")
+    @classmethod
+    def _shaped(cls, value: str, info: ValidationInfo) -> str:
+        pattern, expected = _SAGEMAKER_FIELD_SHAPES[info.field_name]
+        if not re.fullmatch(pattern, value):
+            raise ValueError(f"expected {expected}")
+        return value
+
+
+# What SageMaker accepts in each field, checked here rather than when CreateTrainingJob refuses it.
+_SAGEMAKER_FIELD_SHAPES = {
+    "role_arn": (r"arn:aws[a-z-]*:iam::[0-9]{12}:role/[\w+=,.@/-]+",
+                 "an IAM role ARN (arn:aws:iam::<account>:role/<name>)"),
+    "image_uri": (r"[a-z0-9.-]+(:[0-9]+)?/[\w./-]+(:[\w.-]+|@sha256:[0-9a-f]{64})",
+                  "an image URI with a tag or digest (<account>.dkr.ecr.<region>.amazonaws.com/<name>:<tag>)"),
+    "instance_type": (r"ml\.[a-z0-9-]+\.[a-z0-9]+", "a SageMaker instance type such as ml.p4d.24xlarge"),
+    "output_path": (r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", "an S3 URI (s3://<bucket>/<prefix>)"),
+    "region": (r"[a-z]{2}(-[a-z]+)+-[0-9]+", "an AWS region such as us-east-1"),
+}
+
+
 class Params(_Params):
     seed: int = 1234
     model: ModelParams
@@ -513,10 +564,17 @@ class Params(_Params):
     stages: StagesParams
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
+    sagemaker: SageMakerParams | None = None
+    """Where `omnilong launch sagemaker` runs a stage; null: not set up."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
         world = self.parallel.world_size
+        if self.sagemaker and self.sagemaker.instance_count != self.parallel.nnodes:
+            raise _FieldError(
+                "sagemaker.instance_count", f"parallel.nnodes ({self.parallel.nnodes}): one torchrun node per instance",
+                self.sagemaker.instance_count,
+            )
         for name in STAGE_NAMES:
             stage = self.stages[name]
             if world % stage.sp_size:
