@@ -207,9 +207,10 @@ class ParallelParams(_Params):
     Not a resume input: raising it resumes a stage that timed out."""
     rdzv_endpoint: Endpoint | None = None
     """Several nodes (nnodes > 1): `host:port` of the c10d rendezvous, the same on every node; the
-    torchrun agent on that host serves it (the one server of OmniLong that must listen beyond
-    127.0.0.1: every node connects to it). Unset: torchrun's own variable PET_RDZV_ENDPOINT.
-    Unused with one node (standalone). Not a resume input: a restarted job may meet elsewhere."""
+    torchrun agent on that host serves it (with the store the ranks share, the servers of OmniLong
+    that listen beyond 127.0.0.1: every node connects to them). Unset: torchrun's own variable
+    PET_RDZV_ENDPOINT. Unused with one node (standalone, on loopback). Not a resume input: a
+    restarted job may meet elsewhere."""
     rdzv_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "omnilong"
     """The rendezvous's name (torchrun's --rdzv-id), the same on every node of a job."""
     hierarchical_partition: bool = False

@@ -1,6 +1,6 @@
 """`omnilong train`: run a stage under torchrun, one process per GPU (or `nproc_per_node` CPU ranks).
 
-Several nodes (`parallel.nnodes` > 1): the same `omnilong train` runs on every node, and their
+One node: torchrun standalone, its stores on 127.0.0.1 only (loopback_torchrun.py). Several nodes (`parallel.nnodes` > 1): the same `omnilong train` runs on every node, and their
 torchrun agents meet at a c10d rendezvous (`parallel.rdzv_endpoint`, or torchrun's own
 PET_RDZV_ENDPOINT), which numbers the nodes as they join. Already inside torchrun (a launch the
 user made), it runs the stage directly. The evaluation commands launch themselves through the
@@ -21,7 +21,8 @@ from omnilong.config import ParallelParams, Params, StageName
 PREVIOUS_STAGE = {"stage2": "stage1", "stage3": "stage2"}
 # torchrun reads each of its options from PET_<OPTION> when the command line does not give it.
 RDZV_ENDPOINT_ENV = "PET_RDZV_ENDPOINT"
-ONE_NODE = ("--nnodes", "1", "--standalone")
+# One node: its agent serves the rendezvous itself, on 127.0.0.1 only (loopback_torchrun.py).
+ONE_NODE = ("-m", "omnilong.train.loopback_torchrun", "--nnodes", "1", "--standalone", "--local-addr", "127.0.0.1")
 
 
 class RendezvousUnset(ValueError):
@@ -46,9 +47,10 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def node_flags(parallel: ParallelParams) -> tuple[str, ...]:
-    """torchrun's options for the job's nodes: one node, standalone (its agent serves the
-    rendezvous itself); several, a c10d rendezvous at the endpoint every node is given."""
+def torchrun_for_nodes(parallel: ParallelParams) -> tuple[str, ...]:
+    """The torchrun command (after the interpreter) for the job's nodes: one node, standalone on
+    loopback; several, torch's own torchrun at the c10d rendezvous every node is given (its store
+    must be reached from the other nodes)."""
     if parallel.nnodes == 1:
         return ONE_NODE
     endpoint = parallel.rdzv_endpoint or os.environ.get(RDZV_ENDPOINT_ENV)
@@ -58,19 +60,16 @@ def node_flags(parallel: ParallelParams) -> tuple[str, ...]:
             f"(parallel.nnodes is {parallel.nnodes}), or torchrun's {RDZV_ENDPOINT_ENV} in the environment; "
             f"given neither"
         )
-    return ("--nnodes", str(parallel.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-            "--rdzv-id", parallel.rdzv_id)
+    return ("-m", "torch.distributed.run", "--nnodes", str(parallel.nnodes), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", endpoint, "--rdzv-id", parallel.rdzv_id)
 
 
 def torchrun(module: str, args: list[str], nproc_per_node: int, nodes: tuple[str, ...] = ONE_NODE,
              output: IO | None = None) -> int:
-    """Run `python -m module args` as `nproc_per_node` ranks on this node under torchrun, its
-    nodes as `node_flags` gives them; its exit code. With `output` (an open file), the ranks'
+    """Run `python -m module args` as `nproc_per_node` ranks on this node under torchrun, started
+    as `nodes` (torchrun_for_nodes) says; its exit code. With `output` (an open file), the ranks'
     stdout and stderr go there instead of to this process's."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", *nodes, "--nproc-per-node", str(nproc_per_node),
-        "-m", module, *args,
-    ]
+    command = [sys.executable, *nodes, "--nproc-per-node", str(nproc_per_node), "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(command, env=env, stdout=output, stderr=output).returncode
 
@@ -94,4 +93,4 @@ def launch(params: Params, args: list[str]) -> int:
 
         main(args)
         return 0
-    return torchrun("omnilong.train.runner", args, params.parallel.nproc_per_node, node_flags(params.parallel))
+    return torchrun("omnilong.train.runner", args, params.parallel.nproc_per_node, torchrun_for_nodes(params.parallel))
