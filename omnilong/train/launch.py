@@ -1,10 +1,11 @@
 """`omnilong train`: run a stage under torchrun, one process per GPU (or `nproc_per_node` CPU ranks).
 
-One node: torchrun standalone, its stores on 127.0.0.1 only (loopback_torchrun.py). Several nodes (`parallel.nnodes` > 1): the same `omnilong train` runs on every node, and their
-torchrun agents meet at a c10d rendezvous (`parallel.rdzv_endpoint`, or torchrun's own
-PET_RDZV_ENDPOINT), which numbers the nodes as they join. Already inside torchrun (a launch the
-user made), it runs the stage directly. The evaluation commands launch themselves through the
-same `torchrun` when sequence-parallel.
+One node: torchrun standalone, its stores on 127.0.0.1 only (loopback_torchrun.py). Several nodes
+(`parallel.nnodes` > 1): the same `omnilong train` runs on every node, and their torchrun agents
+meet at a c10d rendezvous (`parallel.rdzv_endpoint`, or torchrun's own PET_RDZV_ENDPOINT), which
+numbers the nodes as they join. Already inside torchrun (a launch the user made), it runs the
+stage directly. The evaluation commands launch themselves through the same `torchrun` when
+sequence-parallel.
 """
 
 from __future__ import annotations
