@@ -171,7 +171,7 @@ def train(
     cfg = _load(params)
     from omnilong.tracking.store import TrackingUnreachable
     from omnilong.train.disk_space import DiskSpaceError
-    from omnilong.train.launch import default_init, launch, preflight, runner_args
+    from omnilong.train.launch import RendezvousUnset, default_init, launch, preflight, runner_args
 
     suffix = f"-{variant}" if variant else ""
     init = init or default_init(cfg, name)
@@ -181,7 +181,11 @@ def train(
         preflight(cfg, name, init, out, checkpoints)
     except (TrackingUnreachable, DiskSpaceError) as exc:
         raise _fail(str(exc), 1) from None
-    raise typer.Exit(launch(cfg, runner_args(name, params, init, out, checkpoints, variant)))
+    try:
+        exit_code = launch(cfg, runner_args(name, params, init, out, checkpoints, variant))
+    except RendezvousUnset as exc:
+        raise _fail(str(exc), 2) from None
+    raise typer.Exit(exit_code)
 
 
 @launch_app.command("sagemaker")

@@ -39,6 +39,8 @@ STAGE_KIND: dict[StageName, Literal["text", "instruct", "video"]] = {
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 CorpusName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+# host:port, the host a name, an IPv4 address or a bracketed IPv6 address (as torchrun takes it).
+Endpoint = Annotated[str, Field(pattern=r"^([A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$")]
 
 
 class ConfigError(ValueError):
@@ -204,10 +206,34 @@ class ParallelParams(_Params):
     peer for that long in a healthy run (the longest such wait is a peer writing its checkpoint
     shard or the exported model), and a hang costs the job at most that long before the retry.
     Not a resume input: raising it resumes a stage that timed out."""
+    rdzv_endpoint: Endpoint | None = None
+    """Several nodes (nnodes > 1): `host:port` of the c10d rendezvous, the same on every node; the
+    torchrun agent on that host serves it (with the store the ranks share, the servers of OmniLong
+    that listen beyond 127.0.0.1: every node connects to them). Unset: torchrun's own variable
+    PET_RDZV_ENDPOINT. Unused with one node (standalone, on loopback). Not a resume input: a
+    restarted job may meet elsewhere."""
+    rdzv_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "omnilong"
+    """The rendezvous's name (torchrun's --rdzv-id), the same on every node of a job."""
+    hierarchical_partition: bool = False
+    """ZeRO++ hierarchical partitioning (hpZ, `zero_hpz_partition_size` = nproc_per_node): each
+    node also keeps the parameters partitioned over its own ranks only, so the forward and
+    backward all-gathers stay inside the node; costs that secondary copy's memory. Several nodes
+    only; inert with one rank per node."""
+
+    @model_validator(mode="after")
+    def _hierarchical_partition_needs_nodes(self) -> ParallelParams:
+        if self.hierarchical_partition and self.nnodes == 1:
+            raise _FieldError("hierarchical_partition", "false with one node (parallel.nnodes 1)", True)
+        return self
 
     @property
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
+
+    @property
+    def hpz_partition_size(self) -> int | None:
+        """DeepSpeed's zero_hpz_partition_size, where hierarchical partitioning is on."""
+        return self.nproc_per_node if self.hierarchical_partition else None
 
 
 class LoraParams(_Params):

@@ -380,6 +380,12 @@ def train_unknown_stage(work, inputs):
                   "--stage", "expected one of 1, 2, 3 (or stage1..stage3), given '4'", absent=[work / "runs"])
 
 
+def train_on_nodes_without_a_rendezvous(work, inputs):
+    params = params_file(work, inputs, at("parallel.nnodes", 2))
+    return Expect(["train", "--stage", "1", "--params", str(params)], "parallel.rdzv_endpoint",
+                  "expected host:port of the rendezvous every node meets at", absent=[work / "runs"])
+
+
 def full_disk(work, inputs):
     """1 MB free where stage 1 writes its checkpoints and model (the free-space reading patched)."""
     patch = ("import omnilong.train.disk_space as d; d.free_bytes = lambda directory: 1_000_000; "
@@ -421,7 +427,7 @@ CASES = [
     unreadable_video("audio-only", "no video stream with frames"),
     video_unsupported_codec, video_window_beyond_the_end, srt_with_bad_timestamps,
     videomme_missing_fields,
-    pack_before_prepare, train_unknown_stage, full_disk,
+    pack_before_prepare, train_unknown_stage, train_on_nodes_without_a_rendezvous, full_disk,
     dvc_remote_missing,
 ]
 

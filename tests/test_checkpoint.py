@@ -48,6 +48,10 @@ def test_seed_parallel_layout_and_world_size_are_resume_inputs(packed):
         "parallel.nproc_per_node changed: 2 -> 4"]
     # How long a collective waits does not change the weights: a stage that timed out resumes with a longer one.
     assert changed_by(raw, lambda raw: raw["parallel"].update(timeout_s=60)) == []
+    # Nor where the nodes meet: a restarted job of several nodes may meet elsewhere.
+    assert changed_by(raw, lambda raw: raw["parallel"].update(nnodes=2, rdzv_endpoint="node0:29400")) == [
+        "parallel.nnodes changed: 1 -> 2"]
+    assert changed_by(raw, lambda raw: raw["parallel"].update(rdzv_endpoint="node0:29400", rdzv_id="job-2")) == []
     assert changed_by(raw, lambda raw: raw["stages"]["stage1"].update(sp_size=2)) == [
         "stages.stage1.sp_size changed: 1 -> 2"]
     assert changed_by(raw, lambda raw: None, world_size=1) == ["world_size changed: 2 -> 1"]

@@ -55,6 +55,8 @@ BAD_FILES = [
     (_set("model.family", "llama"), "model.family", "'qwen2_5_vl' or 'llava_onevision'"),
     (_set("parallel.nproc_per_node", "two"), "parallel.nproc_per_node", "valid integer"),
     (_set("parallel.timeout_s", 0), "parallel.timeout_s", "greater than 0"),
+    (_set("parallel.rdzv_endpoint", "node0"), "parallel.rdzv_endpoint", "should match pattern"),
+    (_set("parallel.hierarchical_partition", True), "parallel.hierarchical_partition", "false with one node"),
     (_delete("stages.stage3.video_frames"), "stages.stage3.video_frames", "video stage"),
     (_set("stages.stage1.video_frames", {"num_frames": 8}), "stages.stage1.video_frames", "trains on text"),
     (_set("stages.stage3.video_frames", {"num_frames": 8, "fps": 2}), "stages.stage3.video_frames.num_frames",

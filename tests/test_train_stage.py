@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,17 @@ from tests.conftest import REPO, project_env
 pytestmark = pytest.mark.slow
 
 
-def _train(root: Path, params: dict, name: str, out: str, ckpt: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _train_command(root: Path, params: dict, name: str, out: str, ckpt: str) -> list[str]:
+    """`omnilong train` of stage 1 with `params` (written to `<name>.yaml` in `root`)."""
     params_file = root / f"{name}.yaml"
     params_file.write_text(yaml.safe_dump(params))
-    return subprocess.run(
-        [sys.executable, "-m", "omnilong.cli", "train", "--stage", "stage1", "--params", str(params_file),
-         "--out", out, "--checkpoints", ckpt],
-        cwd=root, env=env or project_env(root), capture_output=True, text=True, timeout=900,
-    )
+    return [sys.executable, "-m", "omnilong.cli", "train", "--stage", "stage1", "--params", str(params_file),
+            "--out", out, "--checkpoints", ckpt]
+
+
+def _train(root: Path, params: dict, name: str, out: str, ckpt: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_train_command(root, params, name, out, ckpt), cwd=root, env=env or project_env(root),
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +325,47 @@ def test_cpu_offload_trains_the_same_weights(stage1_setup, three_step_weights):
         torch.testing.assert_close(offloaded[key], value, rtol=1e-5, atol=1e-6, msg=key)
     trained = {key for key in initial if not torch.equal(offloaded[key], initial[key])}
     assert "lm_head.weight" in trained and any(".layers." in key for key in trained)
+
+
+def test_two_nodes_of_one_rank_train_the_weights_of_one_node_of_two(stage1_setup, three_step_weights, tmp_path):
+    """Two `omnilong train`, as on two nodes (nnodes 2, nproc_per_node 1): their torchrun agents
+    meet at a c10d rendezvous on 127.0.0.1 and train the 3 steps of the plain run above (one
+    agent, 2 ranks): its weights, bit for bit (the same ranks do the same work; only how they
+    met differs). Hierarchical partitioning is on: DeepSpeed ran with it (the checkpoint's
+    config holds it), over one rank per node, where it is inert."""
+    from tests.conftest import free_port
+
+    raw, root = stage1_setup
+    plain = three_step_weights()
+    params = json.loads(json.dumps(raw))
+    params["stages"]["stage1"]["train"].update(max_steps=3, checkpoint_every=3)
+    params["stages"]["stage1"]["loss"] = {"impl": "chunked", "chunk_tokens": 64}
+    params["parallel"].update(nnodes=2, nproc_per_node=1, rdzv_endpoint=f"127.0.0.1:{free_port()}",
+                              hierarchical_partition=True)
+    command = _train_command(root, params, "two-nodes", "runs/two-nodes", "checkpoints/two-nodes")
+    logs = [tmp_path / f"node{node}.log" for node in range(2)]
+    nodes = []
+    try:
+        for log in logs:
+            with log.open("w") as output:
+                nodes.append(subprocess.Popen(command, cwd=root, env=project_env(root), stdout=output,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        exit_codes = [node.wait(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)  # the node's agent and rank with it
+    outputs = [log.read_text() for log in logs]
+    assert exit_codes == [0, 0], "\n".join(output[-3000:] for output in outputs)
+    assert sum("step 3/3" in output for output in outputs) == 1  # one job: rank 0 logs its steps
+
+    two_nodes = _weights(root, "runs/two-nodes")
+    assert two_nodes.keys() == plain.keys()
+    differ = [key for key in plain if not torch.equal(two_nodes[key], plain[key])]
+    assert not differ, f"weights differ from one node's run in {differ[:5]}"
+    states = torch.load(root / "checkpoints/two-nodes/step0000003/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    assert states["ds_config"]["zero_optimization"]["zero_hpz_partition_size"] == 1
 
 
 def test_tiled_mlps_and_offloaded_checkpoints_train_the_same_weights(stage1_setup, three_step_weights):

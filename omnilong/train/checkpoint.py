@@ -79,8 +79,9 @@ def resume_inputs(params: Params, stage: StageName, init_dir: Path, world_size: 
         **_flat(f"stages.{stage}", stage_params.model_dump(mode="json", exclude={"train": {"keep_checkpoints"}})),
         **_flat("model", params.model.model_dump(mode="json")),
         "init": str(init_dir),
-        # How long a collective waits does not change the weights: raising it resumes a stage that timed out.
-        **_flat("parallel", params.parallel.model_dump(mode="json", exclude={"timeout_s"})),
+        # How long a collective waits, and where the nodes meet, do not change the weights: raising
+        # the wait resumes a stage that timed out, and a restarted job may meet elsewhere.
+        **_flat("parallel", params.parallel.model_dump(mode="json", exclude={"timeout_s", "rdzv_endpoint", "rdzv_id"})),
         "world_size": world_size,
         **_flat("heldout_split", split_inputs),
         **_flat("packed", packed),

@@ -13,8 +13,10 @@ def resolve_precision(train: TrainParams, on_gpu: bool) -> str:
     return train.precision
 
 
-def deepspeed_config(train: TrainParams, *, data_parallel_size: int, on_gpu: bool) -> dict[str, Any]:
-    """ZeRO stage 3 with optional CPU offload of optimizer states and parameters.
+def deepspeed_config(train: TrainParams, *, data_parallel_size: int, on_gpu: bool,
+                     hpz_partition_size: int | None = None) -> dict[str, Any]:
+    """ZeRO stage 3 with optional CPU offload of optimizer states and parameters, and optional
+    hierarchical partitioning over `hpz_partition_size` ranks (ZeRO++ hpZ: one node's ranks).
 
     The optimizer and the LR schedule are built by the runner (torch AdamW + LambdaLR), so the
     same code runs with and without offload; `zero_force_ds_cpu_optimizer: false` lets ZeRO
@@ -34,6 +36,8 @@ def deepspeed_config(train: TrainParams, *, data_parallel_size: int, on_gpu: boo
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if train.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    if hpz_partition_size is not None:
+        zero["zero_hpz_partition_size"] = hpz_partition_size
     precision = resolve_precision(train, on_gpu)
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,

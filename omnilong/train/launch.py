@@ -1,7 +1,11 @@
 """`omnilong train`: run a stage under torchrun, one process per GPU (or `nproc_per_node` CPU ranks).
 
-Already inside torchrun (a multi-node launch the user made), it runs the stage directly. The
-evaluation commands launch themselves through the same `torchrun` when sequence-parallel.
+One node: torchrun standalone, its stores on 127.0.0.1 only (loopback_torchrun.py). Several nodes
+(`parallel.nnodes` > 1): the same `omnilong train` runs on every node, and their torchrun agents
+meet at a c10d rendezvous (`parallel.rdzv_endpoint`, or torchrun's own PET_RDZV_ENDPOINT), which
+numbers the nodes as they join. Already inside torchrun (a launch the user made), it runs the
+stage directly. The evaluation commands launch themselves through the same `torchrun` when
+sequence-parallel.
 """
 
 from __future__ import annotations
@@ -12,10 +16,18 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from omnilong.config import Params, StageName
+from omnilong.config import ParallelParams, Params, StageName
 
 # Where each stage starts from in the full recipe; the ablation points stage 3 at stage 1.
 PREVIOUS_STAGE = {"stage2": "stage1", "stage3": "stage2"}
+# torchrun reads each of its options from PET_<OPTION> when the command line does not give it.
+RDZV_ENDPOINT_ENV = "PET_RDZV_ENDPOINT"
+# One node: its agent serves the rendezvous itself, on 127.0.0.1 only (loopback_torchrun.py).
+ONE_NODE = ("-m", "omnilong.train.loopback_torchrun", "--nnodes", "1", "--standalone", "--local-addr", "127.0.0.1")
+
+
+class RendezvousUnset(ValueError):
+    """Several nodes and nowhere for them to meet."""
 
 
 def default_init(params: Params, stage: StageName) -> Path:
@@ -36,16 +48,29 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def torchrun(module: str, args: list[str], nproc_per_node: int, nnodes: int = 1, output: IO | None = None) -> int:
-    """Run `python -m module args` as `nproc_per_node` ranks per node under torchrun (one node:
-    standalone, no rendezvous server to give); its exit code. With `output` (an open file), the
-    ranks' stdout and stderr go there instead of to this process's."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node),
-        *(["--standalone"] if nnodes == 1 else []),
-        "-m", module, *args,
-    ]
+def torchrun_for_nodes(parallel: ParallelParams) -> tuple[str, ...]:
+    """The torchrun command (after the interpreter) for the job's nodes: one node, standalone on
+    loopback; several, torch's own torchrun at the c10d rendezvous every node is given (its store
+    must be reached from the other nodes)."""
+    if parallel.nnodes == 1:
+        return ONE_NODE
+    endpoint = parallel.rdzv_endpoint or os.environ.get(RDZV_ENDPOINT_ENV)
+    if not endpoint:
+        raise RendezvousUnset(
+            f"parallel.rdzv_endpoint: expected host:port of the rendezvous every node meets at "
+            f"(parallel.nnodes is {parallel.nnodes}), or torchrun's {RDZV_ENDPOINT_ENV} in the environment; "
+            f"given neither"
+        )
+    return ("-m", "torch.distributed.run", "--nnodes", str(parallel.nnodes), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", endpoint, "--rdzv-id", parallel.rdzv_id)
+
+
+def torchrun(module: str, args: list[str], nproc_per_node: int, nodes: tuple[str, ...] = ONE_NODE,
+             output: IO | None = None) -> int:
+    """Run `python -m module args` as `nproc_per_node` ranks on this node under torchrun, started
+    as `nodes` (torchrun_for_nodes) says; its exit code. With `output` (an open file), the ranks'
+    stdout and stderr go there instead of to this process's."""
+    command = [sys.executable, *nodes, "--nproc-per-node", str(nproc_per_node), "-m", module, *args]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(command, env=env, stdout=output, stderr=output).returncode
 
@@ -69,4 +94,4 @@ def launch(params: Params, args: list[str]) -> int:
 
         main(args)
         return 0
-    return torchrun("omnilong.train.runner", args, params.parallel.nproc_per_node, params.parallel.nnodes)
+    return torchrun("omnilong.train.runner", args, params.parallel.nproc_per_node, torchrun_for_nodes(params.parallel))

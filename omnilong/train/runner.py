@@ -85,7 +85,8 @@ def build_engine(params: Params, run: StageRun, device: torch.device, *, ring_at
     stage = params.stages[run.stage]
     train = stage.train
     on_gpu = device.type == "cuda"
-    ds_config = deepspeed_config(train, data_parallel_size=dist.get_world_size(), on_gpu=on_gpu)
+    ds_config = deepspeed_config(train, data_parallel_size=dist.get_world_size(), on_gpu=on_gpu,
+                                 hpz_partition_size=params.parallel.hpz_partition_size)
     # While this object lives, from_pretrained builds the model partitioned (zero.Init):
     # no rank ever holds all the weights.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
