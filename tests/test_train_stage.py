@@ -290,7 +290,8 @@ def test_chunked_and_reference_losses_train_the_same_weights(stage1_setup, tied_
     initial = load_file((tied_model_dir if tied else root / raw["model"]["path"]) / "model.safetensors")
     assert weights["chunked"].keys() == weights["reference"].keys()
     for key, value in weights["reference"].items():
-        torch.testing.assert_close(weights["chunked"][key], value, rtol=1e-4, atol=2e-5, msg=key)
+        torch.testing.assert_close(weights["chunked"][key], value, rtol=1e-4, atol=2e-5,
+                                   msg=lambda message, key=key: f"{key}: {message}")
     head = "lm_head.weight" if "lm_head.weight" in initial else "model.embed_tokens.weight"
     assert not torch.equal(weights["chunked"][head], initial[head])  # the head did train
     if tied:
@@ -322,7 +323,8 @@ def test_cpu_offload_trains_the_same_weights(stage1_setup, three_step_weights):
     assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
     assert offloaded.keys() == without.keys()
     for key, value in without.items():
-        torch.testing.assert_close(offloaded[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(offloaded[key], value, rtol=1e-5, atol=1e-6,
+                                   msg=lambda message, key=key: f"{key}: {message}")
     trained = {key for key in initial if not torch.equal(offloaded[key], initial[key])}
     assert "lm_head.weight" in trained and any(".layers." in key for key in trained)
 
@@ -373,9 +375,10 @@ def test_tiled_mlps_and_offloaded_checkpoints_train_the_same_weights(stage1_setu
     activation checkpoints offloaded to host memory: after 3 steps, the weights of the plain run.
 
     Tiles sum the weight gradients tile by tile (a different order from one matmul): the weights
-    agree to rounding, not bit for bit: rtol 1e-5, atol 5e-6, a two-hundredth of one step's update
+    agree to rounding, not bit for bit: rtol 1e-5, atol 2e-5, a fiftieth of one step's update
     (AdamW moves a weight by about lr = 1e-3). Measured: at most 1.2e-6 (the embeddings, whose
-    rare tokens' small gradients AdamW's normalisation magnifies), 3.3e-7 elsewhere. A weight
+    rare tokens' small gradients AdamW's normalisation magnifies), 3.3e-7 elsewhere, on an earlier
+    install; on transformers 5.25, one element of 8,192 in a gate_proj off by 5.3e-6. A weight
     whose gradient ZeRO-3 reduced before the last tile, or never, would be off by a whole update.
     """
     raw, root = stage1_setup
@@ -386,7 +389,8 @@ def test_tiled_mlps_and_offloaded_checkpoints_train_the_same_weights(stage1_setu
     assert "offloaded to host memory" in stdout and "MLPs of 2 layers and 5 RMSNorms tiled (200 tokens a tile)" in stdout
     assert saved.keys() == plain.keys()
     for key, value in plain.items():
-        torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=5e-6, msg=key)
+        torch.testing.assert_close(saved[key], value, rtol=1e-5, atol=2e-5,
+                                   msg=lambda message, key=key: f"{key}: {message}")
     trained = {key for key in initial if not torch.equal(saved[key], initial[key])}
     assert any(".mlp.gate_proj." in key for key in trained)
 
