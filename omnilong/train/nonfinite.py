@@ -100,12 +100,16 @@ def skip_update(engine) -> None:
 
 
 class NonFiniteStreak:
-    """Skipped steps, in all and in a row; too many in a row stop the stage."""
+    """Skipped steps, in all and in a row; too many in a row stop the stage. Carried by the
+    checkpoints, so a resume neither forgets a streak nor restarts the logged count."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, saved: dict[str, int] | None = None):
         self.limit = limit
-        self.in_a_row = 0
-        self.total = 0
+        self.in_a_row = saved["in_a_row"] if saved else 0
+        self.total = saved["total"] if saved else 0
+
+    def state(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "total": self.total}
 
     def count(self, skipped: bool) -> None:
         self.in_a_row = self.in_a_row + 1 if skipped else 0

@@ -314,7 +314,7 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
         # After iter(), which draws the loader's seed from torch's generator: from here each rank
         # draws what it drew at this step before the crash.
         rng.restore(resumed["rng"])
-    nonfinite = NonFiniteStreak(train.max_nonfinite_steps)
+    nonfinite = NonFiniteStreak(train.max_nonfinite_steps, resumed.get("nonfinite") if resumed else None)
     for step in range(start_step, train.max_steps):
         with naming_stalled_collectives(f"step {step}", timeout_s):
             started = time.perf_counter()  # waiting for the data counts in the step's time
@@ -341,7 +341,7 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
                 checkpoint.save(
                     engine, run.ckpt_dir, next_step=next_step, keep=train.keep_checkpoints,
                     state={"resume_inputs": inputs, "mlflow_run_id": logger.run_id, "step_metrics": logger.pending,
-                           "video_faults": video_faults.state()},
+                           "video_faults": video_faults.state(), "nonfinite": nonfinite.state()},
                 )
                 logger.flush()  # the checkpoint committed: its steps are never redone
 
