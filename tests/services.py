@@ -30,7 +30,7 @@ from benchmarks.measure import free_port
 
 HOST = "127.0.0.1"
 BUCKET = "omnilong"
-# Prefect's process worker and the client read this; the server compares with its own setting.
+# The user part of the auth string: Prefect compares the whole "user:password" its clients send.
 PREFECT_USER = "omnilong"
 # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the team extra installs psycopg2.
 DRIVER = "postgresql+psycopg2"
@@ -53,10 +53,13 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-def _answers(url: str, headers: dict[str, str] | None = None, timeout_s: float = 3) -> int | None:
-    """The HTTP status `url` answers with, or None while nothing listens."""
+def http_status(url: str, headers: dict[str, str] | None = None, timeout_s: float = 3,
+                json_body: bytes | None = None) -> int | None:
+    """The HTTP status `url` answers a GET (a POST of `json_body`) with, or None while nothing listens."""
+    headers = {**(headers or {}), **({"Content-Type": "application/json"} if json_body is not None else {})}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, data=json_body, headers=headers),
+                                    timeout=timeout_s) as response:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
@@ -217,7 +220,7 @@ class Stack:
         self.ports["s3"] = free_port()
         service = self.spawn("s3", [str(Path(sys.executable).parent / "moto_server"), "-H", HOST,
                                     "-p", str(self.ports["s3"])], env={**os.environ, **self.aws})
-        self.wait_until(service, lambda: _answers(f"{self.s3_endpoint}/moto-api/") is not None, timeout_s=60)
+        self.wait_until(service, lambda: http_status(f"{self.s3_endpoint}/moto-api/") is not None, timeout_s=60)
         self.s3().create_bucket(Bucket=BUCKET)
 
     def spawn_mlflow(self):
@@ -244,7 +247,7 @@ class Stack:
             # Clients upload through the server (mlflow-artifacts:/), which alone holds S3 credentials.
             "--artifacts-destination", f"s3://{BUCKET}/mlflow",
         ], env=env, cwd=self.root)
-        return service, lambda: _answers(f"{self.mlflow_uri}/health") == 200
+        return service, lambda: http_status(f"{self.mlflow_uri}/health") == 200
 
     def spawn_prefect(self):
         self.ports["prefect"] = free_port()
@@ -259,7 +262,7 @@ class Stack:
             sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(self.ports["prefect"]),
             "--no-ui",
         ], env=env, cwd=self.root)
-        return service, lambda: _answers(f"{self.prefect_api}/health") == 200
+        return service, lambda: http_status(f"{self.prefect_api}/health") == 200
 
     def start(self) -> None:
         self.start_postgres()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import copy_project, project_env
-from tests.services import BUCKET, _answers, basic_auth, native_stack
+from tests.services import BUCKET, http_status, basic_auth, native_stack
 
 pytestmark = pytest.mark.slow
 
@@ -79,27 +79,15 @@ def team_pipeline(team_stack, tmp_path_factory):
 
 def test_unauthenticated_requests_are_refused(team_stack):
     search = f"{team_stack.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert _answers(search, timeout_s=30) == 401
-    assert _answers(search, basic_auth(*team_stack.mlflow_admin), timeout_s=30) == 200
-    assert _answers(search, basic_auth(team_stack.mlflow_admin[0], "wrong"), timeout_s=30) == 401
+    assert http_status(search, timeout_s=30) == 401
+    assert http_status(search, basic_auth(*team_stack.mlflow_admin), timeout_s=30) == 200
+    assert http_status(search, basic_auth(team_stack.mlflow_admin[0], "wrong"), timeout_s=30) == 401
 
     flows = f"{team_stack.prefect_api}/flows/filter"
     user, _, password = team_stack.prefect_auth_string.partition(":")
-    post = {"data": b"{}", "method": "POST", "headers": {"Content-Type": "application/json"}}
-    assert _post(flows, post) == 401
-    assert _post(flows, {**post, "headers": {**post["headers"], **basic_auth(user, password)}}) == 200
-    assert _post(flows, {**post, "headers": {**post["headers"], **basic_auth(user, "wrong")}}) == 401
-
-
-def _post(url: str, request: dict) -> int:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, **request), timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
+    assert http_status(flows, timeout_s=30, json_body=b"{}") == 401
+    assert http_status(flows, basic_auth(user, password), timeout_s=30, json_body=b"{}") == 200
+    assert http_status(flows, basic_auth(user, "wrong"), timeout_s=30, json_body=b"{}") == 401
 
 
 def test_deployment_run_registers_models_and_stores_artifacts_in_the_bucket(team_stack, team_pipeline):
