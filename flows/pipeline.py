@@ -210,8 +210,11 @@ def omnilong_pipeline(
         f"evaluation: runs/eval-{variant}/ (heldout.json, metrics.json, comparison.png, each model's NIAH, "
         f"V-NIAH and VideoMME results and plots)\n"
         + ("ablation report: runs/ablation/ablation.md\n" if variant == "no-stage2" else "")
-        + f"MLflow parent run {parent_run_id}; browse with `make ui` "
-        f"(mlflow ui --backend-store-uri {redact_uri(tracking_uri(params.tracking, repo_root))})"
+        + f"MLflow parent run {parent_run_id}; " + (
+            f"browse it on the tracking server, {redact_uri(params.tracking.uri)}"
+            if (params.tracking.uri or "").startswith(("http://", "https://"))
+            else f"browse with `make ui` (mlflow ui --backend-store-uri "
+                 f"{redact_uri(tracking_uri(params.tracking, repo_root))})")
     )
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures. The tiny pipeline runs once per session and every end-to-end test reads it."""
+"""Shared fixtures. The tiny pipeline runs once per session, as a deployment run through the team's
+services (tests/services.py), and every end-to-end test reads it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.measure import free_port  # noqa: F401  (tests import it from here)
+from tests.services import BUCKET, native_stack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,14 +86,77 @@ def copy_project(destination: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory) -> Path:
-    """A clean copy of the project after one run of `make run`'s flow on the embedded default."""
-    project = copy_project(tmp_path_factory.mktemp("pipeline") / "project")
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.pipeline"],
-        cwd=project, env=project_env(project), capture_output=True, text=True, timeout=1800,
+def team_stack(tmp_path_factory):
+    """docker-compose.yml's services, started natively on loopback for the session and stopped by
+    process group at its end (their logs are kept in the session's tmp dir)."""
+    with native_stack(tmp_path_factory.mktemp("team_stack_logs")) as stack:
+        print("service start (s):", {service.name: round(service.start_s, 1) for service in stack.services})
+        yield stack
+
+
+def team_env(project: Path, stack) -> dict[str, str]:
+    """`project_env` with the team's credentials and server addresses, as a team member exports them."""
+    return {**project_env(project), **stack.client_env(), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+
+
+def _checked(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+def point_at_stack(project: Path, stack) -> None:
+    """What a team changes in its clone, by configuration only, and commits: the tracking server
+    in params.yaml and the S3 remote in DVC's config. Credentials stay in the environment."""
+    env = project_env(project)
+    params = project / "params.yaml"
+    text = params.read_text()
+    assert text.count("\n  uri: null") == 1
+    params.write_text(text.replace("\n  uri: null", f"\n  uri: {stack.mlflow_uri}"))
+    dvc = [sys.executable, "-m", "dvc"]
+    _checked([*dvc, "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc"], project, env)
+    _checked([*dvc, "remote", "modify", "storage", "endpointurl", stack.s3_endpoint], project, env)
+    _checked(["git", "commit", "-q", "-am", "track to the team's servers"], project, env)
+
+
+WORK_POOL = "omnilong-team"
+# The deployments flows/serve.py serves, here on a work pool: pulled from the project's folder.
+DEPLOY = """
+import sys
+from flows.pipeline import omnilong_pipeline
+pool, project = sys.argv[1:]
+source = omnilong_pipeline.from_source(source=project, entrypoint="flows/pipeline.py:omnilong_pipeline")
+source.deploy(name="full", work_pool_name=pool, parameters={"variant": "full"})
+source.deploy(name="ablation-no-stage2", work_pool_name=pool, parameters={"variant": "no-stage2"})
+"""
+
+
+def run_deployment(project: Path, stack, name: str) -> None:
+    env = team_env(project, stack)
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch", "--watch-timeout", "1500"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=1600,
     )
-    assert result.returncode == 0, f"pipeline failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    print(f"deployment run {name}: {time.monotonic() - started:.0f} s")
+    [worker] = [service for service in stack.services if service.name == "worker"]
+    assert run.returncode == 0 and "Completed" in run.stdout, (
+        f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\nworker:\n{worker.log.read_text(errors='replace')[-6000:]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(team_stack, tmp_path_factory) -> Path:
+    """A clean copy of the project, pointed at the team's services, after `omnilong/full` ran as a
+    deployment on a Prefect process worker: registry in PostgreSQL, artifacts in the bucket."""
+    project = copy_project(tmp_path_factory.mktemp("pipeline") / "project")
+    point_at_stack(project, team_stack)
+    env = team_env(project, team_stack)
+    prefect = [sys.executable, "-m", "prefect"]
+    _checked([*prefect, "work-pool", "create", WORK_POOL, "--type", "process"], project, env)
+    _checked([sys.executable, "-c", DEPLOY, WORK_POOL, str(project)], project, env)
+    team_stack.spawn("worker", [*prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+                     env=env, cwd=project)
+    run_deployment(project, team_stack, "omnilong/full")
     return project
 
 
@@ -199,13 +264,9 @@ def tiny_prepared(tmp_path_factory, tiny_model_dir, tiny_raw_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_ablation(tiny_pipeline) -> Path:
-    """The same project after the `no-stage2` variant ran too (DVC reuses the shared stages)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.pipeline", "no-stage2"],
-        cwd=tiny_pipeline, env=project_env(tiny_pipeline), capture_output=True, text=True, timeout=1800,
-    )
-    assert result.returncode == 0, f"ablation failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+def tiny_ablation(tiny_pipeline, team_stack) -> Path:
+    """The same project after the `no-stage2` deployment ran too (DVC reuses the shared stages)."""
+    run_deployment(tiny_pipeline, team_stack, "omnilong/ablation-no-stage2")
     return tiny_pipeline
 
 

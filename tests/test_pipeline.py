@@ -1,7 +1,9 @@
-"""End to end: the flow of `make run` on a clean copy of the project, then DVC's and MLflow's view of it."""
+"""End to end: the pipeline's deployments run on a clean copy of the project through the team's
+services (conftest.tiny_pipeline), then DVC's and MLflow's view of it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import free_port, project_env
+from tests.services import BUCKET
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +28,21 @@ def _dvc(project, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def team_credentials(team_stack, monkeypatch_module):
+    """The team's MLflow and S3 credentials in the environment, as a team member exports them (the
+    Prefect ones stay out: the last test runs `make serve`'s own server)."""
+    for name, value in team_stack.client_env().items():
+        if not name.startswith("PREFECT_"):
+            monkeypatch_module.setenv(name, value)
+
+
 @pytest.fixture(scope="module")
-def mlflow_client(tiny_pipeline, monkeypatch_module):
+def mlflow_client(tiny_pipeline, team_stack, monkeypatch_module):
     import mlflow
 
     monkeypatch_module.chdir(tiny_pipeline)
-    mlflow.set_tracking_uri(f"sqlite:///{tiny_pipeline / 'mlflow' / 'mlflow.db'}")
+    mlflow.set_tracking_uri(team_stack.mlflow_uri)
     return mlflow.MlflowClient()
 
 
@@ -154,21 +166,48 @@ def test_dvc_is_clean_and_a_second_repro_does_nothing(tiny_ablation):
     assert "up to date" in again.stdout
 
 
-def test_outputs_round_trip_through_the_local_remote(tiny_ablation, tmp_path):
+def test_registry_is_in_postgresql_and_artifacts_in_the_bucket(tiny_ablation, team_stack, mlflow_client):
+    for stage in STAGES:
+        record = json.loads((tiny_ablation / f"runs/{stage}/registration.json").read_text())
+        version = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", stage)
+        assert str(version.version) == str(record["version"])
+    experiment = mlflow_client.get_experiment_by_name("omnilong")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:/")  # the server stores them
+    parents = mlflow_client.search_runs([experiment.experiment_id], "attributes.run_name LIKE 'pipeline-%'")
+    assert sorted((run.info.run_name, run.info.status) for run in parents) == [
+        ("pipeline-full", "FINISHED"), ("pipeline-no-stage2", "FINISHED")]
+    # No local store was made: the registry is the server's, in PostgreSQL.
+    assert not (tiny_ablation / "mlflow" / "mlflow.db").exists()
+    from contextlib import closing
+
+    import psycopg2
+
+    with closing(psycopg2.connect(team_stack.database_uri("mlflow"))) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM registered_models ORDER BY name")
+        assert [row[0] for row in cursor.fetchall()] == [f"omnilong-{FAMILY}", f"omnilong-{FAMILY}-no-stage2"]
+    keys = [item["Key"] for page in team_stack.s3().get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix="mlflow/") for item in page.get("Contents", [])]
+    stage3 = mlflow_client.get_model_version_by_alias(f"omnilong-{FAMILY}", "stage3")
+    assert any(stage3.run_id in key and key.endswith("model.safetensors") for key in keys), keys[:20]
+    assert any(key.endswith("niah.png") for key in keys), keys[:20]
+
+
+def test_outputs_round_trip_through_the_bucket(tiny_ablation, team_stack, tmp_path):
     pushed = _dvc(tiny_ablation, "push")
     assert pushed.returncode == 0, pushed.stderr
+    assert team_stack.s3().list_objects_v2(Bucket=BUCKET, Prefix="dvc/")["KeyCount"] > 0
     # What a user commits after a run: DVC has staged dvc.lock and its .gitignore entries.
     subprocess.run(["git", "commit", "-q", "-m", "pipeline run"], cwd=tiny_ablation,
                    env=project_env(tiny_ablation), check=True)
-    # A second checkout of that commit gets the outputs from the remote, not by re-running.
+    # A second checkout of that commit gets the outputs from the bucket, not by re-running.
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(tiny_ablation), str(clone)], check=True)
-    remote = (tiny_ablation / ".dvc-remote").resolve()
-    assert _dvc(clone, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
     pulled = _dvc(clone, "pull")
     assert pulled.returncode == 0, pulled.stderr
-    for path in ["data/packed/stage1/index.json", "runs/stage3/model/model.safetensors"]:
-        assert (clone / path).read_bytes() == (tiny_ablation / path).read_bytes()
+    for path in ["data/packed/stage1/index.json", "runs/stage3/model/model.safetensors",
+                 "runs/ablation/ablation.json"]:
+        assert hashlib.sha256((clone / path).read_bytes()).hexdigest() == \
+            hashlib.sha256((tiny_ablation / path).read_bytes()).hexdigest(), path
     status = _dvc(clone, "status", "--json")
     assert json.loads(status.stdout) == {}
 

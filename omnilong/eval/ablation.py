@@ -13,7 +13,7 @@ from omnilong import atomic
 from omnilong.config import Params
 from omnilong.eval.plots import save_grouped_bars
 from omnilong.eval.report import HEADLINE_METRICS, metric_label
-from omnilong.tracking.runs import create_run
+from omnilong.tracking.runs import create_run, log_metrics
 
 FULL, ABLATION = "stage3", "stage3-no-stage2"
 
@@ -49,9 +49,8 @@ def ablation_report(params: Params, full_dir: Path, ablation_dir: Path, out_dir:
 
     run_id = create_run(params, "ablation-report", {"omnilong.evaluation": "ablation"})
     client = MlflowClient()
-    for label, scores in columns.items():
-        for name in names:
-            client.log_metric(run_id, f"{label.split(' (')[0].replace(' ', '_')}.{name}", scores[name])
+    log_metrics(client, run_id, {f"{label.split(' (')[0].replace(' ', '_')}.{name}": scores[name]
+                                 for label, scores in columns.items() for name in names})
     for name in ("ablation.md", "ablation.json", "ablation.png"):
         client.log_artifact(run_id, str(out_dir / name))
     client.set_terminated(run_id)

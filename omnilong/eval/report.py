@@ -20,7 +20,7 @@ from omnilong.eval.heldout import evaluate_models
 from omnilong.eval.suite import evaluate_model, evaluation_settings
 from omnilong.infer.prefill import from_first_rank
 from omnilong.tracking.registry import REGISTRATION_FILE
-from omnilong.tracking.runs import create_run
+from omnilong.tracking.runs import create_run, log_metrics
 from omnilong.tracking.secrets import redact
 
 HEADLINE_METRICS = ("niah.accuracy", "vniah.teacher_forced", "vniah.generation",
@@ -58,14 +58,14 @@ def evaluate_and_track(params: Params, models: dict[str, Path], out_dir: Path, *
 
     client = MlflowClient()
     client.log_dict(run_id, redact(settings), "evaluation_settings.json")
-    for label, stages in heldout.items():
+    for label in heldout:
         client.log_param(run_id, f"model.{label}", str(models[label]))
-        for stage, metrics in stages.items():
-            client.log_metric(run_id, f"heldout.{label}.{stage}.loss", metrics["loss"])
-            client.log_metric(run_id, f"heldout.{label}.{stage}.perplexity", metrics["perplexity"])
-    for label, metrics in suite.items():
-        for name, value in metrics.items():
-            client.log_metric(run_id, f"{label}.{name}", value)
+    log_metrics(client, run_id, {
+        **{f"heldout.{label}.{stage}.{key}": metrics[key]
+           for label, stages in heldout.items() for stage, metrics in stages.items() for key in ("loss", "perplexity")},
+        **{f"{label}.{name}": value for label, metrics in suite.items() for name, value in metrics.items()},
+    })
+    for label in suite:
         client.log_artifacts(run_id, str(out_dir / label), artifact_path=label)
     for name in ("heldout.json", "metrics.json", "comparison.png"):
         client.log_artifact(run_id, str(out_dir / name))

@@ -13,6 +13,7 @@ from omnilong.config import Params
 from omnilong.tracking.store import use_experiment
 
 PARENT_RUN_ENV = "OMNILONG_PARENT_RUN_ID"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
 
 def create_run(params: Params, name: str, tags: dict[str, str], *, parent: str | None = None) -> str:
@@ -24,3 +25,18 @@ def create_run(params: Params, name: str, tags: dict[str, str], *, parent: str |
     if parent:
         tags = {**tags, "mlflow.parentRunId": parent}
     return MlflowClient().create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+
+def log_metrics(client, run_id: str, metrics, step: int = 0) -> None:
+    """Log `metrics` (a {name: value} mapping, or mlflow Metric entities) in as few requests as
+    MLflow allows: against a tracking server, one request per metric made an evaluation's ~600
+    metrics take minutes."""
+    import time
+
+    from mlflow.entities import Metric
+
+    if isinstance(metrics, dict):
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])

@@ -28,11 +28,10 @@ import torch.distributed as dist
 from omnilong import atomic
 from omnilong.config import Params
 from omnilong.tracking import attempts
-from omnilong.tracking.runs import create_run
+from omnilong.tracking.runs import create_run, log_metrics
 from omnilong.tracking.secrets import log_redacted_yaml, redact
 from omnilong.tracking.store import use_experiment
 
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 TRACKED_PACKAGES = ("torch", "transformers", "deepspeed", "peft", "mlflow", "dvc", "prefect", "omnilong")
 
 
@@ -199,8 +198,7 @@ class StepLogger:
             for step, timestamp, metrics in self.pending if step > self._logged_through
             for key, value in metrics.items()
         ]
-        for start in range(0, len(points), MAX_METRICS_PER_BATCH):
-            MlflowClient().log_batch(self.run_id, metrics=points[start : start + MAX_METRICS_PER_BATCH])
+        log_metrics(MlflowClient(), self.run_id, points)
         self._logged_through = max(self._logged_through, self.pending[-1][0])
         self.pending = []
 
