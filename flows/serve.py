@@ -21,12 +21,9 @@ PORT = int(os.environ.get("OMNILONG_PREFECT_PORT", "4200"))
 API_URL = f"http://{HOST}:{PORT}/api"
 
 
-def start_server(port: int = PORT) -> subprocess.Popen:
-    """`prefect server start` on HOST:`port`, returned once its API answers (with the settings,
-    PREFECT_HOME among them, of this process's environment)."""
-    api_url = f"http://{HOST}:{port}/api"
+def start_server() -> subprocess.Popen:
     server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],
+        [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(PORT)],
         start_new_session=True,  # its own process group: stopped as a whole, never by a stray Ctrl-C
     )
     deadline = time.monotonic() + 120
@@ -34,13 +31,13 @@ def start_server(port: int = PORT) -> subprocess.Popen:
         if server.poll() is not None:
             raise RuntimeError(f"prefect server exited with {server.returncode}")
         try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{API_URL}/health", timeout=2) as response:
                 if response.status == 200:
                     return server
         except OSError:
             time.sleep(1)
     stop_server(server)
-    raise RuntimeError(f"prefect server not healthy at {api_url} after 120 s")
+    raise RuntimeError(f"prefect server not healthy at {API_URL} after 120 s")
 
 
 def stop_server(server: subprocess.Popen) -> None:

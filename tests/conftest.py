@@ -120,15 +120,6 @@ def point_at_stack(project: Path, stack) -> None:
 
 
 WORK_POOL = "omnilong-team"
-# The deployments flows/serve.py serves, here on a work pool: pulled from the project's folder.
-DEPLOY = """
-import sys
-from flows.pipeline import omnilong_pipeline
-pool, project = sys.argv[1:]
-source = omnilong_pipeline.from_source(source=project, entrypoint="flows/pipeline.py:omnilong_pipeline")
-source.deploy(name="full", work_pool_name=pool, parameters={"variant": "full"})
-source.deploy(name="ablation-no-stage2", work_pool_name=pool, parameters={"variant": "no-stage2"})
-"""
 
 
 def run_deployment(project: Path, stack, name: str) -> None:
@@ -150,12 +141,15 @@ def tiny_pipeline(team_stack, tmp_path_factory) -> Path:
     deployment on a Prefect process worker: registry in PostgreSQL, artifacts in the bucket."""
     project = copy_project(tmp_path_factory.mktemp("pipeline") / "project")
     point_at_stack(project, team_stack)
-    env = team_env(project, team_stack)
+    env = {**team_env(project, team_stack), "OMNILONG_WORK_POOL": WORK_POOL}
     prefect = [sys.executable, "-m", "prefect"]
+    # As the README's production section says: the pool, then prefect.yaml's deployments.
     _checked([*prefect, "work-pool", "create", WORK_POOL, "--type", "process"], project, env)
-    _checked([sys.executable, "-c", DEPLOY, WORK_POOL, str(project)], project, env)
+    _checked([*prefect, "--no-prompt", "deploy", "--all"], project, env)
+    # Where the worker runs, the project's folder, as the training image sets it: the deployments'
+    # pull step changes into it.
     team_stack.spawn("worker", [*prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process"],
-                     env=env, cwd=project)
+                     env={**env, "OMNILONG_PROJECT_DIR": str(project)}, cwd=project)
     run_deployment(project, team_stack, "omnilong/full")
     return project
 

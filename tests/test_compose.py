@@ -7,18 +7,14 @@ No Docker engine runs here, so the compose file is never started: these checks r
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
@@ -211,47 +207,3 @@ def test_reference_parsing_skips_escaped_dollars():
     assert url_passwords("postgresql://${U:-u}:${P:?set P: in .env}@db/x http://a:b@c") == ["${P:?set P: in .env}", "b"]
 
 
-@pytest.mark.slow
-def test_prefect_yaml_registers_both_deployments_on_the_users_pool(tmp_path, monkeypatch):
-    """`prefect work-pool create` + `prefect deploy --all` from the repository root, as the README
-    says, against a real server; the deployments read back from it."""
-    from prefect.client.orchestration import get_client
-    from prefect.deployments.steps.core import run_steps
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.serve import start_server, stop_server
-
-    pool, port = "team-gpu-test", free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env = {**os.environ, "PREFECT_API_URL": api_url, "OMNILONG_WORK_POOL": pool, "PYTHONPATH": str(REPO)}
-    prefect_file = (REPO / "prefect.yaml").read_bytes()
-    server = start_server(port)
-    try:
-        for command in (["work-pool", "create", "--type", "process", "--overwrite", pool],
-                        ["--no-prompt", "deploy", "--all"]):
-            done = subprocess.run([sys.executable, "-m", "prefect", *command], cwd=REPO, env=env,
-                                  capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-        async def read_back():
-            async with get_client() as client:
-                return [await client.read_deployment_by_name(name)
-                        for name in ("omnilong/full", "omnilong/ablation-no-stage2")]
-
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            full, ablation = asyncio.run(read_back())
-            assert (full.work_pool_name, full.parameters) == (pool, {"variant": "full"})
-            assert (ablation.work_pool_name, ablation.parameters) == (pool, {"variant": "no-stage2"})
-            assert full.entrypoint == "flows/pipeline.py:omnilong_pipeline"
-            # The pull step resolves the project's path where the worker runs, not where we deployed.
-            project = tmp_path / "project"
-            project.mkdir()
-            monkeypatch.setenv("OMNILONG_PROJECT_DIR", str(project))
-            monkeypatch.chdir(tmp_path)
-            asyncio.run(run_steps(full.pull_steps))
-            assert Path.cwd() == project
-    finally:
-        stop_server(server)
-    assert (REPO / "prefect.yaml").read_bytes() == prefect_file  # deploying never rewrites it
