@@ -189,3 +189,19 @@ def test_prepare_tokenises_a_mapped_corpus_as_the_same_corpus_in_our_jsonl(tmp_p
         assert [d.id for d in theirs.index.documents] == [d.id for d in ours.index.documents]
         np.testing.assert_array_equal(theirs.tokens, ours.tokens)
         np.testing.assert_array_equal(theirs.trainable, ours.trainable)
+
+
+def test_rows_stream_before_a_damaged_arrow_file_is_reached(tmp_path):
+    """Rows come a batch at a time: those of the first Arrow file are read before the second,
+    cut short, fails, naming the folder and the row it would have started at."""
+    folder = write(tmp_path, "docs", "arrow", TEXTS)
+    first, second = sorted(folder.glob("*.arrow"))
+    second.write_bytes(second.read_bytes()[:-100])
+    rows_in_first = sum(batch.num_rows for batch in pa.ipc.open_stream(first.read_bytes()))
+    read = []
+    with pytest.raises(RecordError, match=rf"^{folder}: row {rows_in_first}: cannot be read"):
+        read.extend(iter_records(folder, "text"))
+    assert read == [TextRecord(**doc) for doc in TEXTS[:rows_in_first]]
+    second.unlink()
+    with pytest.raises(RecordError, match=rf"{folder}: {second.name}, named in state.json, is missing"):
+        list(iter_records(folder, "text"))
