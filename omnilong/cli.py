@@ -138,17 +138,20 @@ def data_pack(
 
 @data_app.command("add")
 def data_add(
-    path: Annotated[Path, typer.Argument(help="A .jsonl file or a directory of them (video: a directory with qa.jsonl).")],
+    path: Annotated[Path, typer.Argument(help=(
+        "A .jsonl, .jsonl.gz, .jsonl.zst or .parquet file, a `datasets` folder saved with save_to_disk, or a "
+        "directory of them (video: a directory with qa.jsonl)."))],
     kind: Annotated[str, typer.Option(help="text, instruct or video.")],
     name: Annotated[Optional[str], typer.Option(help="Corpus name (default: the file or directory name).")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Validate a corpus of your own and track it with DVC under data/raw/user/<name>/."""
+    """Validate a corpus of your own (read through `data.fields.<name>` if set) and track it with DVC
+    under data/raw/user/<name>/."""
     cfg = _load(params)
     from omnilong.data.user_corpus import CorpusError, add_user_corpus
 
     try:
-        target = add_user_corpus(path, kind, name, raw_dir=Path(cfg.data.raw_dir))
+        target = add_user_corpus(path, kind, name, raw_dir=Path(cfg.data.raw_dir), fields=cfg.data.fields)
     except CorpusError as exc:
         raise _fail(str(exc), 2) from None
     typer.echo(

@@ -183,14 +183,48 @@ class SynthParams(_Params):
     video: VideoSynthParams = VideoSynthParams()
 
 
+ColumnName = Annotated[str, Field(min_length=1)]
+
+
+class CorpusFields(_Params):
+    """Where a user corpus keeps what a record holds (omnilong/data/schemas.py), so it is read as it
+    is: Parquet columns, `datasets` features or JSON keys. Only the fields named here are read;
+    others are ignored. A row without a named field (or with null there) is an error naming it."""
+
+    id_field: ColumnName | None = "id"
+    """null: a row's id is its source's file name and its line or row (`part.parquet:17`)."""
+    text_field: ColumnName = "text"
+    """Text records: the document."""
+    source_field: ColumnName | None = "source"
+    """Text records: where the document comes from; null: the source's file name."""
+    messages_field: ColumnName = "messages"
+    """Instruct and video records: the list of turns."""
+    role_field: ColumnName = "role"
+    """The key of a turn's speaker (`from` in ShareGPT's layout)."""
+    content_field: ColumnName = "content"
+    """The key of a turn's text (`value` in ShareGPT's layout)."""
+    roles: dict[str, Literal["system", "user", "assistant"]] = {}
+    """The corpus's role names mapped to ours (`{human: user, gpt: assistant}`); others are kept."""
+
+
 class DataParams(_Params):
     raw_dir: str = "data/raw"
     """Raw corpora: `default/` made by `omnilong data synth`, `user/<name>/` added by users."""
+    fields: dict[CorpusName, CorpusFields] = {}
+    """By user corpus name: its field mapping (`omnilong data add` and `prepare` read it). A corpus
+    without one holds our own records, checked strictly (a key they do not have is an error)."""
     tokenized_dir: str = "data/tokenized"
     packed_dir: str = "data/packed"
     loader_workers: NonNegativeInt = 1
     """DataLoader worker processes per rank that decode videos ahead of training (0: in-process)."""
     synth: SynthParams = SynthParams()
+
+    @field_validator("fields")
+    @classmethod
+    def _not_default(cls, fields: dict[str, CorpusFields]) -> dict[str, CorpusFields]:
+        if "default" in fields:
+            raise ValueError("user corpus names only: `default` is synthesised in our own records")
+        return fields
 
 
 class ParallelParams(_Params):

@@ -296,6 +296,32 @@ def corpus_chat_not_ending_with_the_assistant(work, inputs):
                   "the last message must be the assistant's answer", absent=[work / "raw"])
 
 
+def corpus_zst_stream_cut(work, inputs):
+    import zstandard
+
+    path = work / "in" / "docs.jsonl.zst"
+    path.parent.mkdir(parents=True)
+    line = json.dumps(TEXT).encode() + b"\n"
+    compressor = zstandard.ZstdCompressor()
+    path.write_bytes(compressor.compress(line) + compressor.compress(line * 2)[:-4])  # the second frame cut short
+    return Expect(add_corpus(work, inputs, path, "text"), f"{path}:2: the zstd stream is broken here",
+                  "expected a complete zstd-compressed JSONL file", absent=[work / "raw"])
+
+
+def corpus_parquet_row_without_the_mapped_field(work, inputs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = work / "in" / "docs.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"uid": "a", "body": "A document."}, {"uid": "b", "body": None}]), path)
+    params = params_file(work, inputs, at("data.raw_dir", str(work / "raw")),
+                         at("data.fields", {"mine": {"text_field": "body", "id_field": "uid", "source_field": None}}))
+    return Expect(["data", "add", str(path), "--kind", "text", "--name", "mine", "--params", str(params)],
+                  f"{path}: row 1: not a valid text record (field body", "the mapping's text_field: missing or null",
+                  absent=[work / "raw"])
+
+
 def prepare_broken_json(work, inputs):
     """`data prepare` reads a corpus that bypassed `data add`: the same error, and no tokenized output."""
     raw = work / "raw"
@@ -420,7 +446,8 @@ CASES = [
     tokenizer_without_the_family_tokens,
     registry_name_unknown, registry_alias_unknown, tracking_server_refusing, tracking_server_silent,
     corpus_empty_file, corpus_line_not_utf8, corpus_broken_json, corpus_record_without_a_field,
-    corpus_chat_not_ending_with_the_assistant, prepare_broken_json,
+    corpus_chat_not_ending_with_the_assistant, corpus_zst_stream_cut, corpus_parquet_row_without_the_mapped_field,
+    prepare_broken_json,
     unreadable_video("random-bytes", "cannot be read as a video"),
     unreadable_video("truncated", "corrupt or truncated file"),
     unreadable_video("zero-frames", "no video stream with frames"),

@@ -92,3 +92,42 @@ def test_cli_exits_2_on_a_bad_kind_and_a_bad_corpus(dvc_repo, tmp_path):
         )
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr
+
+
+def test_corpus_in_other_formats_is_copied_as_it_is_and_read_through_its_mapping(dvc_repo, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from omnilong.config import CorpusFields
+    from omnilong.data.readers import source_stem
+    from omnilong.data.schemas import iter_records
+
+    source = tmp_path / "incoming" / "papers"
+    source.mkdir(parents=True)
+    rows = [{"body": f"Paper {i}.", "url": f"https://example.org/{i}"} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows[:2]), source / "a.parquet")
+    (source / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps(row) + "\n" for row in rows[2:3]).encode()))
+    datasets.Dataset.from_list(rows[3:]).save_to_disk(str(source / "c"))
+    (source / "notes.txt").write_text("not a corpus source")
+    fields = {"papers": CorpusFields(text_field="body", id_field=None, source_field=None)}
+
+    target = add_user_corpus(source, "text", None, raw_dir=Path("data/raw"), fields=fields)
+
+    assert target == Path("data/raw/user/papers")
+    copied = dvc_repo / target / "text"
+    assert sorted(p.name for p in copied.iterdir()) == ["a.parquet", "b.jsonl.zst", "c"]
+    for name in ("a.parquet", "b.jsonl.zst"):
+        assert (copied / name).read_bytes() == (source / name).read_bytes()
+    mapping = fields["papers"]
+    texts = [record.text for path in sorted(copied.iterdir()) for record in iter_records(path, "text", mapping)]
+    assert texts == [row["body"] for row in rows]
+    status = _run(sys.executable, "-m", "dvc", "status", "--json", str(dvc_repo / "data/raw/user/papers.dvc"),
+                  cwd=dvc_repo)
+    assert json.loads(status) == {}
+    # Without its mapping the corpus is not ours: refused, naming the file and the row.
+    with pytest.raises(CorpusError, match=r"a\.parquet: row 0: not a valid text record"):
+        add_user_corpus(source, "text", "papers2", raw_dir=Path("data/raw"))
+    assert source_stem(source / "b.jsonl.zst") == "b" and source_stem(source / "c") == "c"

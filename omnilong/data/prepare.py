@@ -59,6 +59,7 @@ from omnilong.data.schemas import (
     TextRecord,
     VideoRecord,
     corpus_files,
+    corpus_layout,
     iter_records,
 )
 from omnilong.data.shards import VideoClip
@@ -449,12 +450,10 @@ def _stage_documents(
         corpus_dir = corpus_path(root / params.data.raw_dir, corpus)
         files = corpus_files(corpus_dir, kind)
         if not files:
-            expected = corpus_dir / ("video/qa.jsonl" if kind == "video" else f"{kind}/*.jsonl")
-            raise PrepareError(
-                f"stages.{stage}.corpora: corpus {corpus!r} holds no {kind} records (expected {expected})"
-            )
+            raise PrepareError(f"stages.{stage}.corpora: corpus {corpus!r} holds no {kind} records "
+                               f"(expected {corpus_layout(corpus_dir, kind)})")
         for path in files:
-            for record in iter_records(path, kind):
+            for record in iter_records(path, kind, params.data.fields.get(corpus)):
                 try:
                     clip = None
                     if isinstance(record, TextRecord):

@@ -1,15 +1,17 @@
-"""The JSONL record of each corpus kind, shared by the synthesiser, `data add` and `prepare`.
+"""The record of each corpus kind, shared by the synthesiser, `data add` and `prepare`.
 
-A corpus directory holds `text/*.jsonl`, `instruct/*.jsonl` and `video/qa.jsonl` (+ the
-videos and .srt subtitle files it names, relative to `video/`); a corpus may hold only some of the kinds.
+A corpus directory holds `text/` and `instruct/` (JSONL, plain or compressed, Parquet, or
+`datasets` folders: omnilong/data/readers.py) and `video/qa.jsonl` (+ the videos and .srt
+subtitle files it names, relative to `video/`); a corpus may hold only some of the kinds. Our
+own records are read as they are; a user corpus with a field mapping (`data.fields` in the
+parameters) is read through it, so its data needs no rewriting.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -20,6 +22,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from omnilong.config import CorpusFields
+from omnilong.data.readers import FORMATS, RecordError, Row, iter_rows, sources_in
 
 CorpusKind = Literal["text", "instruct", "video"]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -89,39 +94,82 @@ RECORD_TYPES: dict[CorpusKind, type[_Record]] = {
 }
 
 
-class RecordError(ValueError):
-    """A corpus line that does not match its kind's schema; names file, line and field."""
-
-
 def corpus_files(corpus_dir: Path, kind: CorpusKind) -> list[Path]:
-    """The JSONL files of one kind in a corpus directory, in a stable order."""
+    """The sources of one kind in a corpus directory, in a stable order: `video/qa.jsonl`, or the
+    files and `datasets` folders of `text/` or `instruct/` in any format of omnilong/data/readers.py."""
     if kind == "video":
         qa = corpus_dir / "video" / "qa.jsonl"
         return [qa] if qa.is_file() else []
-    return sorted((corpus_dir / kind).glob("*.jsonl"))
+    return sources_in(corpus_dir / kind)
 
 
-def iter_records(path: Path, kind: CorpusKind) -> Iterator[_Record]:
-    """Yield validated records of `path`; the first bad line raises RecordError."""
+def corpus_layout(corpus_dir: Path, kind: CorpusKind) -> str:
+    """Where a corpus keeps its records of `kind`, for messages that find none."""
+    return str(corpus_dir / "video" / "qa.jsonl") if kind == "video" else f"{corpus_dir / kind}/ holding {FORMATS}"
+
+
+def iter_records(path: Path, kind: CorpusKind, fields: CorpusFields | None = None) -> Iterator[_Record]:
+    """Yield validated records of the source `path`, streamed; the first bad row raises RecordError.
+
+    `fields`: the corpus's field mapping, None for our own records (validated as they are)."""
     record_type = RECORD_TYPES[kind]
-    # Bytes decoded line by line, so a line that is not UTF-8 is named like any other bad line.
-    with open(path, "rb") as lines:
-        for line_no, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RecordError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                                  "expected one JSON record per line, encoded as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                yield record_type.model_validate(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                  "expected one JSON record per line") from None
-            except ValidationError as exc:
-                problems = "; ".join(
-                    f"field {'.'.join(str(p) for p in e['loc']) or '<record>'}: {e['msg']}"
-                    for e in exc.errors()
-                )
-                raise RecordError(f"{path}:{line_no}: not a valid {kind} record ({problems})") from None
+    columns = None if fields is None else _mapped_columns(kind, fields)
+    for row in iter_rows(path, columns):
+        value = row.value if fields is None else _mapped(row, path, kind, fields)
+        try:
+            yield record_type.model_validate(value)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"field {'.'.join(str(p) for p in e['loc']) or '<record>'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise RecordError(f"{row.location}: not a valid {kind} record ({problems})") from None
+
+
+# What video records hold besides their id and messages; named as they are, not mapped.
+_VIDEO_KEYS = ("video", "start_s", "end_s", "subtitles")
+
+
+def _mapped_columns(kind: CorpusKind, fields: CorpusFields) -> list[str]:
+    named = {"text": [fields.text_field, fields.source_field], "instruct": [fields.messages_field],
+             "video": [fields.messages_field, *_VIDEO_KEYS]}[kind]
+    return [name for name in (fields.id_field, *named) if name is not None]
+
+
+def _mapped(row: Row, path: Path, kind: CorpusKind, fields: CorpusFields) -> dict[str, Any]:
+    """A row of a corpus with a field mapping as the record it holds (in our field names)."""
+    if not isinstance(row.value, dict):
+        raise RecordError(f"{row.location}: not a record (expected a JSON object), given {type(row.value).__name__}")
+
+    def required(container: dict, key: str, setting: str, within: str = "") -> Any:
+        value = container.get(key)
+        if value is None:
+            raise RecordError(f"{row.location}: not a valid {kind} record (field {within}{key}, the mapping's "
+                              f"{setting}: missing or null)")
+        return value
+
+    record: dict[str, Any] = {}
+    if fields.id_field is None:
+        record["id"] = f"{path.name}:{row.number}"
+    else:
+        record_id = required(row.value, fields.id_field, "id_field")
+        # Integer ids are common in tables; ours are strings.
+        record["id"] = str(record_id) if isinstance(record_id, int) and not isinstance(record_id, bool) else record_id
+    if kind == "text":
+        record["text"] = required(row.value, fields.text_field, "text_field")
+        record["source"] = path.name if fields.source_field is None else required(
+            row.value, fields.source_field, "source_field")
+        return record
+    messages = required(row.value, fields.messages_field, "messages_field")
+    if isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        turns = []
+        for i, message in enumerate(messages):
+            within = f"{fields.messages_field}.{i}."
+            role = required(message, fields.role_field, "role_field", within)
+            content = required(message, fields.content_field, "content_field", within)
+            turns.append({"role": fields.roles.get(role, role) if isinstance(role, str) else role, "content": content})
+        messages = turns  # anything else is left to the schema to refuse
+    record["messages"] = messages
+    if kind == "video":
+        record.update((key, row.value[key]) for key in _VIDEO_KEYS if row.value.get(key) is not None)
+    return record

@@ -2,7 +2,9 @@
 
 User corpora live outside every stage's outputs (DVC deletes those when a stage re-runs) and
 are versioned with `dvc add`, so a real corpus goes through exactly the path the default does.
-Everything is validated before anything is copied: a bad corpus changes nothing on disk.
+Everything is validated before anything is copied: a bad corpus changes nothing on disk. The
+sources are copied as they are (any format of omnilong/data/readers.py, the user's own field
+names read through `data.fields.<name>`), so a corpus is never rewritten.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import get_args
 
 from omnilong import atomic
-from omnilong.config import corpus_path
+from omnilong.config import CorpusFields, corpus_path
+from omnilong.data.readers import check_source, is_arrow_dataset, source_stem, sources_in
 from omnilong.data.schemas import CorpusKind, RecordError, VideoRecord, iter_records
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -25,42 +28,42 @@ class CorpusError(ValueError):
     """A user corpus that cannot be added; the message names the file and the problem."""
 
 
-def _jsonl_files(path: Path, kind: CorpusKind) -> list[Path]:
+def _sources(path: Path, kind: CorpusKind) -> list[Path]:
     if kind == "video":
         qa = path / "qa.jsonl"
         if not path.is_dir() or not qa.is_file():
             raise CorpusError(f"{path}: a video corpus is a directory holding qa.jsonl and the videos it names")
         return [qa]
-    if path.is_file():
-        if path.suffix != ".jsonl":
-            raise CorpusError(f"{path}: expected a .jsonl file")
-        return [path]
-    if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
-        if files:
-            return files
-        raise CorpusError(f"{path}: directory holds no .jsonl file")
-    raise CorpusError(f"{path}: no such file or directory")
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file or directory")
+    if path.is_dir() and not is_arrow_dataset(path) and (sources := sources_in(path)):
+        return sources
+    try:  # one file, or one `datasets` folder; else the message says what was expected
+        check_source(path)
+    except RecordError as exc:
+        raise CorpusError(str(exc)) from None
+    return [path]
 
 
-def validate_corpus(path: Path, kind: CorpusKind) -> list[Path]:
-    """Check every record (and, for video, that each named video decodes, its window lies within
-    it and its subtitles parse); return the JSONL files."""
-    files = _jsonl_files(path, kind)
-    for jsonl in files:
+def validate_corpus(path: Path, kind: CorpusKind, fields: CorpusFields | None = None) -> list[Path]:
+    """Check every record, read through the corpus's field mapping if it has one (and, for video,
+    that each named video decodes, its window lies within it and its subtitles parse); return the
+    sources (files and `datasets` folders)."""
+    sources = _sources(path, kind)
+    for source in sources:
         count = 0
         try:
-            for record in iter_records(jsonl, kind):
+            for record in iter_records(source, kind, fields):
                 count += 1
                 if isinstance(record, VideoRecord):
                     _check_video_record(path, record)
         except RecordError as exc:
             raise CorpusError(str(exc)) from None
         except ValueError as exc:  # VideoReadError, SubtitleError, a window past the video's end
-            raise CorpusError(f"{jsonl}: record {record.id!r}: {exc}") from None
+            raise CorpusError(f"{source}: record {record.id!r}: {exc}") from None
         if count == 0:
-            raise CorpusError(f"{jsonl}: holds no record; expected one JSON record per line")
-    return files
+            raise CorpusError(f"{source}: holds no record; expected one JSON record per line or one row per record")
+    return sources
 
 
 def _check_video_record(video_dir: Path, record: VideoRecord) -> None:
@@ -74,25 +77,31 @@ def _check_video_record(video_dir: Path, record: VideoRecord) -> None:
         parse_srt(video_dir / record.subtitles)
 
 
-def add_user_corpus(path: Path, kind: str, name: str | None, raw_dir: Path) -> Path:
-    """Validate, copy into `raw_dir/user/<name>/<kind>/` and `dvc add` the corpus directory."""
+def add_user_corpus(
+    path: Path, kind: str, name: str | None, raw_dir: Path, fields: dict[str, CorpusFields] | None = None
+) -> Path:
+    """Validate, copy into `raw_dir/user/<name>/<kind>/` and `dvc add` the corpus directory.
+    `fields`: the field mappings by corpus name (`data.fields`); this corpus's is applied."""
     if kind not in get_args(CorpusKind):
         raise CorpusError(f"--kind: expected one of {', '.join(get_args(CorpusKind))}, given {kind!r}")
     path = Path(path)
-    name = name or path.stem
+    name = name or source_stem(path)
     if not _NAME.match(name) or name == "default":
         raise CorpusError(
             f"--name: expected letters, digits, '_', '.', '-' (and not 'default'), given {name!r}"
         )
-    files = validate_corpus(path, kind)
+    sources = validate_corpus(path, kind, (fields or {}).get(name))
 
     corpus_dir = corpus_path(raw_dir, name)
     with atomic.atomic_dir(corpus_dir / kind) as staging:
         if kind == "video":
             shutil.copytree(path, staging, dirs_exist_ok=True)
         else:
-            for jsonl in files:
-                shutil.copy2(jsonl, staging / jsonl.name)
+            for source in sources:  # as they are: the formats and fields they came in are read in place
+                if source.is_dir():
+                    shutil.copytree(source, staging / source.name)
+                else:
+                    shutil.copy2(source, staging / source.name)
 
     result = subprocess.run([sys.executable, "-m", "dvc", "add", str(corpus_dir)], capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,21 +1,22 @@
 """The text NIAH's haystack: corpus text, cleaned of long numbers, tokenized once, cut anywhere.
 
-The text is the text records of corpus directories in order (files sorted, records as they
-come), joined by blank lines. Runs of 7 or more digits are masked, so the only 7-digit number a
-prompt holds is its needle's. Cuts are measured in the model's own tokens; needles go at
-sentence starts: after `.`, `!` or `?` and whitespace, after a blank line, or at the very start.
+The text is the text records of corpus directories (through their field mappings) in order
+(files sorted, records as they come), joined by blank lines. Runs of 7 or more digits are
+masked, so the only 7-digit number a prompt holds is its needle's. Cuts are measured in the
+model's own tokens; needles go at sentence starts: after `.`, `!` or `?` and whitespace, after
+a blank line, or at the very start.
 """
 
 from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omnilong.config import Params, corpus_path
-from omnilong.data.schemas import TextRecord, corpus_files, iter_records
+from omnilong.config import CorpusFields, Params, corpus_path
+from omnilong.data.schemas import TextRecord, corpus_files, corpus_layout, iter_records
 from omnilong.data.synth.text import mask_long_numbers
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -25,17 +26,21 @@ SENTENCE_END = re.compile(r"[.!?]\s+|\n[ \t]*\n\s*")
 MAX_CHARS_PER_TOKEN = 16
 
 
-def read_haystack_text(corpus_dirs: Sequence[Path], max_chars: int | None = None) -> str:
+def read_haystack_text(
+    corpus_dirs: Sequence[Path], max_chars: int | None = None, fields: Mapping[Path, CorpusFields] | None = None
+) -> str:
     """The text records of `corpus_dirs`, in order, joined by blank lines; reading stops once
-    `max_chars` characters are in hand."""
+    `max_chars` characters are in hand. `fields`: the field mapping of each corpus dir that has one."""
     parts: list[str] = []
     chars = 0
     for corpus_dir in corpus_dirs:
         files = corpus_files(Path(corpus_dir), "text")
         if not files:
-            raise FileNotFoundError(f"{corpus_dir}: expected text/*.jsonl for the NIAH haystack, found none")
+            raise FileNotFoundError(
+                f"{corpus_dir}: expected {corpus_layout(Path(corpus_dir), 'text')} for the NIAH haystack, found none"
+            )
         for path in files:
-            for record in iter_records(path, "text"):
+            for record in iter_records(path, "text", (fields or {}).get(corpus_dir)):
                 assert isinstance(record, TextRecord)
                 parts.append(record.text)
                 chars += len(record.text) + len(DOCUMENT_SEPARATOR)
@@ -55,7 +60,9 @@ def niah_haystack_dirs(params: Params, base: Path = Path(".")) -> list[Path]:
 def niah_haystack_text(params: Params, base: Path = Path(".")) -> str:
     """The configured haystack source, read as far as the longest context can need."""
     max_chars = MAX_CHARS_PER_TOKEN * max(params.eval.niah.context_lengths)
-    return read_haystack_text(niah_haystack_dirs(params, base), max_chars)
+    raw_dir = base / params.data.raw_dir
+    fields = {corpus_path(raw_dir, name): mapping for name, mapping in params.data.fields.items()}
+    return read_haystack_text(niah_haystack_dirs(params, base), max_chars, fields)
 
 
 class Haystack:
