@@ -33,7 +33,6 @@ from prefect import flow, get_run_logger, task
 from prefect.context import get_run_context
 
 from omnilong.config import STAGE_NAMES, Params, load_params, parse_params
-from omnilong.data.shards import read_index
 from omnilong.tracking import attempts
 from omnilong.tracking.registry import REGISTRATION_FILE
 from omnilong.tracking.runs import PARENT_RUN_ENV, create_run
@@ -121,15 +120,12 @@ def link_registered_model(stage: str, repo_root: Path, parent_run_id: str) -> di
 
 
 def packed_summary(params: Params, repo_root: Path) -> str:
+    from omnilong.data.packed_summary import describe_packed_stage  # imports transformers: not at the flow's import
+
     lines = []
     for stage in STAGE_NAMES:
         stage_dir = repo_root / params.data.packed_dir / stage
-        stats = read_index(stage_dir).stats
-        total = stats.real_tokens + stats.padding_tokens
-        lines.append(
-            f"  {stage_dir.relative_to(repo_root)}: {stats.documents} documents, {stats.real_tokens:,} tokens "
-            f"({stats.trainable_tokens:,} trained on), padding {stats.padding_tokens / total:.1%}"
-        )
+        lines += describe_packed_stage(stage_dir, params.stages[stage], stage_dir.relative_to(repo_root))
     return "\n".join(lines)
 
 

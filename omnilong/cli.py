@@ -124,16 +124,19 @@ def data_pack(
     stage: Annotated[str, typer.Option(help="1, 2, 3 or stage1..stage3.")],
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Pack a stage's tokenized documents into fixed-length shards."""
+    """Pack a stage's tokenized documents into fixed-length shards; print what they hold."""
     name = _stage_name(stage)
     cfg = _load(params)
     from omnilong.data.pack import PackError, pack_stage
+    from omnilong.data.packed_summary import describe_packed_stage
     from omnilong.data.prepare import PrepareError
 
     try:
         pack_stage(cfg, name)
     except (PackError, PrepareError) as exc:
         raise _fail(str(exc), 1) from None
+    stage_dir = Path(cfg.data.packed_dir) / name
+    typer.echo("\n".join(describe_packed_stage(stage_dir, cfg.stages[name], stage_dir)))
 
 
 @data_app.command("add")

@@ -376,9 +376,27 @@ class ContextStep(_Params):
     lengths can take more rows, keeping the tokens per step (and their signal) up as recipes do."""
 
 
+class LongDocumentUpsampling(_Params):
+    """Within each corpus of a mixture, documents of at least `min_tokens` tokens are drawn `factor`
+    times as readily as shorter ones (per-source length upsampling, after Fu et al. 2024, "Data
+    Engineering for Scaling Language Models to 128K Context"): the corpora keep their weights,
+    the long documents take a larger part of each corpus's tokens."""
+
+    min_tokens: PositiveInt
+    factor: Annotated[float, Field(gt=1)]
+
+
 class StageParams(_Params):
     corpora: Annotated[list[CorpusName], Field(min_length=1)] = ["default"]
     """Corpora under `data.raw_dir`: `default`, or the name of one added with `omnilong data add`."""
+    mixture: dict[CorpusName, Annotated[float, Field(gt=0)]] | None = None
+    """Stage 1: each corpus's share of the tokens the stage's steps read ({code: 0.3, web: 0.7}),
+    one weight for each of `corpora`, summing to 1. The packer draws training documents to fill
+    that total (every phase's steps x tokens per step) in these shares, with `seed`, repeating a
+    corpus only when its share asks for more tokens than it has (omnilong/data/mixture.py).
+    null: every training token is packed once."""
+    long_documents: LongDocumentUpsampling | None = None
+    """With a mixture: favour long documents within each corpus; null: every document alike."""
     seq_len: PositiveInt = 512
     """Row length of the packed data; the longest context of the stage."""
     context_schedule: list[ContextStep] = []
@@ -423,6 +441,33 @@ class StageParams(_Params):
             )
         return self
 
+    @model_validator(mode="after")
+    def _mixture_weighs_each_corpus(self) -> StageParams:
+        if self.mixture is None:
+            if self.long_documents is not None:
+                raise _FieldError("long_documents", "unset unless mixture is set (it reweights the mixture's draw)",
+                                  self.long_documents.model_dump())
+            return self
+        for corpus in self.mixture:
+            if corpus not in self.corpora:
+                raise _FieldError(f"mixture.{corpus}", f"a corpus of this stage's corpora ({', '.join(self.corpora)})",
+                                  corpus)
+        if missing := [corpus for corpus in self.corpora if corpus not in self.mixture]:
+            raise _FieldError("mixture", f"a weight for each of this stage's corpora; missing {', '.join(missing)}",
+                              self.mixture)
+        # Required rather than normalised: a mistyped weight would otherwise rescale every other share silently.
+        if not math.isclose(total := sum(self.mixture.values()), 1, abs_tol=1e-6):
+            raise _FieldError("mixture", f"weights summing to 1 (shares of the stage's tokens), not {total:g}",
+                              self.mixture)
+        for i, entry in enumerate(self.context_schedule):
+            if entry.from_step >= self.train.max_steps:
+                raise _FieldError(
+                    f"context_schedule.{i}.from_step",
+                    f"below train.max_steps ({self.train.max_steps}): with a mixture each phase's steps set "
+                    f"the tokens drawn for its length", entry.from_step,
+                )
+        return self
+
     def _scheduled_at(self, step: int) -> ContextStep | None:
         active = [entry for entry in self.context_schedule if entry.from_step <= step]
         return active[-1] if active else None
@@ -441,6 +486,15 @@ class StageParams(_Params):
     def packed_lengths(self) -> list[int]:
         """Every row length the stage trains on; the data is packed once for each."""
         return sorted({self.seq_len, *(entry.seq_len for entry in self.context_schedule)})
+
+    def tokens_read(self, dp_size: int) -> dict[int, int]:
+        """Tokens (padding included) the stage's steps read at each packed length: per step,
+        seq_len x micro-batch x grad_accum_steps x `dp_size` data-parallel ranks."""
+        read = dict.fromkeys(self.packed_lengths, 0)
+        for step in range(self.train.max_steps):
+            seq_len = self.seq_len_at(step)
+            read[seq_len] += seq_len * self.micro_batch_size_at(step) * self.train.grad_accum_steps * dp_size
+        return read
 
 
 class StagesParams(_Params):
@@ -650,6 +704,9 @@ class Params(_Params):
                     "a frame sampling for a video stage ({num_frames: N} or {fps: F, max_frames: N})",
                     None,
                 )
+            if STAGE_KIND[name] != "text" and stage.mixture is not None:
+                raise _FieldError(f"stages.{name}.mixture", "unset: a mixture draws the text documents of stage 1",
+                                  stage.mixture)
             if STAGE_KIND[name] != "video" and stage.video_frames is not None:
                 raise _FieldError(
                     f"stages.{name}.video_frames",

@@ -144,6 +144,16 @@ def param_from_step_not_increasing(work, inputs):
                   "stages.stage1.context_schedule.2.from_step", "more than the previous entry's from_step (6)")
 
 
+def param_mixture_naming_no_corpus_of_the_stage(work, inputs):
+    return Expect(config_check(work, inputs, at("stages.stage1.mixture", {"default": 0.7, "web": 0.3})),
+                  "stages.stage1.mixture.web", "expected a corpus of this stage's corpora (default)")
+
+
+def param_mixture_weight_negative(work, inputs):
+    return Expect(config_check(work, inputs, at("stages.stage1.mixture", {"default": -1.0})),
+                  "stages.stage1.mixture.default", "greater than 0")
+
+
 def param_lora_target_matching_no_module(work, inputs):
     lora = at("stages.stage2.train.lora.target_modules", ["q_proj", "qkv"])
     return Expect(config_check(work, inputs, at("stages.stage2.train.finetune", "lora"), lora),
@@ -440,8 +450,8 @@ def dvc_remote_missing(work, inputs):
 
 CASES = [
     param_type, param_unknown_key, param_list_given_a_string, param_sp_size_not_dividing_the_world,
-    param_seq_len_not_a_multiple_of_2_sp, param_from_step_not_increasing, param_lora_target_matching_no_module,
-    params_not_yaml,
+    param_seq_len_not_a_multiple_of_2_sp, param_from_step_not_increasing, param_mixture_naming_no_corpus_of_the_stage,
+    param_mixture_weight_negative, param_lora_target_matching_no_module, params_not_yaml,
     model_missing, model_partial, model_pickled_weights_only, model_of_another_family,
     tokenizer_without_the_family_tokens,
     registry_name_unknown, registry_alias_unknown, tracking_server_refusing, tracking_server_silent,

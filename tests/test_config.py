@@ -75,6 +75,16 @@ BAD_FILES = [
     (_set("eval.niah.depths", [0, 150]), "eval.niah.depths.1", "less than or equal to 100"),
     (_set("stages.stage3.train.finetune", "qlora"), "stages.stage3.train.finetune", "'full' or 'lora'"),
     (_delete("stages.stage2"), "stages.stage2", "required key is missing"),
+    (_set("stages.stage1.mixture", {"default": 0.5}), "stages.stage1.mixture", "weights summing to 1"),
+    (_set("stages.stage1.mixture", {"default": 1.0, "web": 0.0}), "stages.stage1.mixture.web", "greater than 0"),
+    (lambda doc: [_set("stages.stage1.corpora", ["default", "web"])(doc),
+                  _set("stages.stage1.mixture", {"web": 1.0})(doc)],
+     "stages.stage1.mixture", "a weight for each of this stage's corpora; missing default"),
+    (_set("stages.stage2.mixture", {"default": 1.0}), "stages.stage2.mixture", "draws the text documents of stage 1"),
+    (_set("stages.stage1.long_documents", {"min_tokens": 4096, "factor": 3}), "stages.stage1.long_documents",
+     "unset unless mixture is set"),
+    (_set("stages.stage1.long_documents", {"min_tokens": 4096, "factor": 0.5}), "stages.stage1.long_documents.factor",
+     "greater than 1"),
 ]
 
 

@@ -24,6 +24,11 @@ def test_recipe_validates_without_its_paths(recipe):
     params = load_params(recipe)
     stage1 = params.stages.stage1
     assert stage1.packed_lengths == [65536, 131072, 262144, 524288]
+    # The mixture's total: each phase's steps x seq_len x 8 accumulated micro-batches of one row, one
+    # data-parallel rank.
+    assert stage1.tokens_read(params.parallel.world_size // stage1.sp_size) == {
+        65536: 600 * 65536 * 8, 131072: 400 * 131072 * 8, 262144: 300 * 262144 * 8, 524288: 200 * 524288 * 8}
+    assert sum(stage1.mixture.values()) == pytest.approx(1)
     assert params.model.rope_theta is not None
     assert params.stages.stage1.sp_size == params.stages.stage2.sp_size == params.stages.stage3.sp_size == 8
     assert params.stages.stage3.video_frames.max_frames == 1024

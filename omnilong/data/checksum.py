@@ -51,14 +51,20 @@ def mismatch(path: Path, expected: FileChecksum) -> str | None:
     return None
 
 
-def older_format(index_path: Path, index_text: str, current: int, kind: str, rerun: str) -> str | None:
-    """What to say of an index written in another format than `current` (None if it is current):
-    an index older than its checksums is refused, since reading its files unchecked would defeat
-    the guard. (Text that is no JSON counts as current: its validation then says what is wrong.)"""
+def older_format(
+    index_path: Path, index_text: str, current: int | tuple[int, ...], kind: str, rerun: str
+) -> str | None:
+    """What to say of an index written in another format than `current` (one format, or those this
+    OmniLong reads; None if it is one of them): an index older than its checksums is refused, since
+    reading its files unchecked would defeat the guard. (Text that is no JSON counts as current:
+    its validation then says what is wrong.)"""
     try:
         version = json.loads(index_text).get("format_version")
     except (json.JSONDecodeError, AttributeError):
         return None
-    if version == current:
+    readable = current if isinstance(current, tuple) else (current,)
+    if version in readable:
         return None
-    return f"{index_path}: {kind} index format {version}, this OmniLong reads format {current} (with the files' checksums); {rerun}"
+    formats = " or ".join(map(str, readable))
+    return (f"{index_path}: {kind} index format {version}, this OmniLong reads format {formats} "
+            f"(with the files' checksums); {rerun}")

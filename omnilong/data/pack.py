@@ -22,6 +22,9 @@ Held-out documents (`eval.heldout_documents`) are drawn with `params.seed` befor
 packed, and packed apart, into `heldout/` at the stage's `seq_len`: every length of a context
 schedule is packed from the same documents and a long one is cut across rows, so no set of
 packed rows could be held out without its documents reaching training through other rows.
+
+With a mixture (`stages.<stage>.mixture`), each length is packed instead from the training
+documents drawn for it (omnilong/data/mixture.py), and its index records the draw.
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from omnilong import atomic
-from omnilong.config import STAGE_KIND, EvalParams, Params, StageName
+from omnilong.config import STAGE_KIND, EvalParams, Params, StageName, StageParams
 from omnilong.data.checksum import FileChecksum, file_checksum
+from omnilong.data.mixture import MixtureError, draw_mixture
 from omnilong.data.prepare import TokenizedStage, load_tokenized
 from omnilong.data.shards import (
     INDEX_FILE,
     SHARDS_DIR,
     HeldoutSplit,
+    MixtureDraw,
     PackedIndex,
     PackStats,
     ShardEntry,
@@ -234,6 +239,12 @@ def heldout_dir(stage_dir: Path) -> Path:
     return stage_dir / "heldout"
 
 
+def length_dirs(stage_dir: Path, stage_params: StageParams) -> dict[int, Path]:
+    """The shard set of each length the stage trains on: its own directory at `seq_len`, `len<N>/` else."""
+    return {seq_len: stage_dir if seq_len == stage_params.seq_len else scheduled_dir(stage_dir, seq_len)
+            for seq_len in stage_params.packed_lengths}
+
+
 def pack_stage(
     params: Params, stage: StageName, root: Path = Path("."), rows_per_shard: int | None = None
 ) -> None:
@@ -242,7 +253,8 @@ def pack_stage(
     The documents are split first (`eval.heldout_documents`). Training rows of the stage's
     `seq_len` fill the directory itself, its index recording the split; each other length of its
     `context_schedule` is packed from the same training documents into `len<seq_len>/`; the
-    held-out documents are packed into `heldout/` at `seq_len`.
+    held-out documents are packed into `heldout/` at `seq_len`. With a mixture, each length holds
+    the training documents drawn for it instead.
     """
     stage_params = params.stages[stage]
     tokenized_dir = root / params.data.tokenized_dir / stage
@@ -260,22 +272,31 @@ def pack_stage(
     heldout = set(split.documents)
     training = [doc for doc in range(tokenized.index.num_documents) if doc not in heldout]
 
-    def pack(target: Path, documents: list[int], seq_len: int, heldout_split: HeldoutSplit | None = None) -> None:
+    draws = {}
+    if stage_params.mixture is not None:
+        dp_size = params.parallel.world_size // stage_params.sp_size
+        try:
+            draws = draw_mixture(tokenized, training, stage_params, dp_size, params.seed, stage)
+        except MixtureError as exc:
+            raise PackError(str(exc)) from None
+
+    def pack(target: Path, documents: list[int], seq_len: int, heldout_split: HeldoutSplit | None = None,
+             mixture: MixtureDraw | None = None) -> None:
         _pack_rows(target, tokenized, documents, stage, seq_len, seq_len == stage_params.seq_len, params.seed,
-                   mrope_config, rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len), heldout_split)
+                   mrope_config, rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len), heldout_split,
+                   mixture)
 
     with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
-        for seq_len in stage_params.packed_lengths:
-            if seq_len == stage_params.seq_len:
-                pack(staging, training, seq_len, split)
-            else:
-                pack(scheduled_dir(staging, seq_len), training, seq_len)
+        for seq_len, target in length_dirs(staging, stage_params).items():
+            documents, mixture = draws.get(seq_len, (training, None))
+            pack(target, documents, seq_len, split if seq_len == stage_params.seq_len else None, mixture)
         pack(heldout_dir(staging), split.documents, stage_params.seq_len)
 
 
 def _pack_rows(
     target: Path, tokenized: TokenizedStage, documents: list[int], stage: StageName, seq_len: int,
     final_length: bool, seed: int, mrope_config, rows_per_shard: int, heldout_split: HeldoutSplit | None,
+    mixture: MixtureDraw | None,
 ) -> None:
     pieces = cut_documents(tokenized, documents, seq_len, stage, final_length)
     planned = plan_rows(pieces, seq_len)
@@ -330,5 +351,6 @@ def _pack_rows(
         ),
         videos=videos if tokenized.index.kind == "video" else None,
         heldout_split=heldout_split,
+        mixture=mixture,
     )
     atomic.write_text(target / INDEX_FILE, index.model_dump_json(indent=1))

@@ -36,7 +36,9 @@ from omnilong.data.schemas import CorpusKind
 
 INDEX_FILE = "index.json"
 SHARDS_DIR = "shards"
-FORMAT_VERSION = 3  # 2: held-out documents split off before packing; 3: checksums of the shard files
+# 2: held-out documents split off before packing; 3: checksums of the shard files; 4: the stage-1 mixture.
+FORMAT_VERSION = 4
+READABLE_FORMATS = (3, 4)  # a format-3 index reads as one without a mixture, which it is
 ROW_ARRAYS = ("input_ids", "labels", "position_ids")
 DOC_ARRAYS = ("doc_lens", "doc_offsets", "doc_index", "doc_start")
 
@@ -126,8 +128,43 @@ class PackStats(_Frozen):
     reason, under `skipped` in the tokenized stage's index.json)."""
 
 
+class CorpusDraw(_Frozen):
+    """What a mixture drew from one corpus for one shard set (omnilong/data/mixture.py)."""
+
+    weight: float
+    """The corpus's share of the tokens as set (`stages.<stage>.mixture`)."""
+    share: float
+    """Its share of the tokens drawn."""
+    tokens: NonNegativeInt
+    documents: NonNegativeInt
+    """Documents drawn, a repeated one counted each time."""
+    repeated_documents: NonNegativeInt
+    """Draws of a document the stage had drawn before (at this or another length): the corpus ran out."""
+    repeated_tokens: NonNegativeInt
+    training_tokens: NonNegativeInt
+    """Tokens of the corpus's training documents: what one pass through it holds."""
+    training_documents: NonNegativeInt
+    tokens_by_length: dict[str, NonNegativeInt]
+    """Tokens drawn by the length of their whole document, in buckets (`mixture.LENGTH_BUCKETS`)."""
+    long_tokens: NonNegativeInt | None = None
+    """With long-document upsampling: tokens drawn from documents of at least its `min_tokens`."""
+    training_long_tokens: NonNegativeInt | None = None
+    """... and such tokens among the corpus's training documents: the share a plain draw would give."""
+
+
+class MixtureDraw(_Frozen):
+    """The documents a mixture drew for one shard set: target weights against what was drawn."""
+
+    tokens_read: NonNegativeInt
+    """Tokens the stage's steps read at this length (steps x tokens per step, padding included):
+    the total the draw fills."""
+    long_documents: dict[str, int | float] | None
+    """`stages.<stage>.long_documents` as set."""
+    corpora: dict[str, CorpusDraw]
+
+
 class PackedIndex(_Frozen):
-    format_version: Literal[3] = FORMAT_VERSION
+    format_version: Literal[3, 4] = FORMAT_VERSION
     stage: StageName
     kind: CorpusKind
     family: Family
@@ -144,6 +181,8 @@ class PackedIndex(_Frozen):
     heldout_split: HeldoutSplit | None = None
     """The stage's own index (its training rows at `seq_len`) only: which documents no training
     row of any length holds; they are in `heldout/`."""
+    mixture: MixtureDraw | None = None
+    """The training rows of a stage with a mixture: the documents drawn for them, corpus by corpus."""
 
     @model_validator(mode="after")
     def _consistent(self) -> PackedIndex:
@@ -179,7 +218,7 @@ def read_index(stage_dir: Path) -> PackedIndex:
     if not path.is_file():
         raise PackedShardsError(f"{path}: not found; run `omnilong prepare` to pack this stage")
     text = path.read_text()
-    if problem := older_format(path, text, FORMAT_VERSION, "packed", "run `omnilong data pack` to pack it again"):
+    if problem := older_format(path, text, READABLE_FORMATS, "packed", "run `omnilong data pack` to pack it again"):
         raise PackedShardsError(problem)
     try:
         return PackedIndex.model_validate_json(text)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from omnilong import atomic
-from omnilong.config import Params
+from omnilong.config import Params, StageParams
 from omnilong.tracking import attempts
 from omnilong.tracking.runs import create_run, log_metrics
 from omnilong.tracking.secrets import log_redacted_yaml, redact
@@ -79,6 +79,20 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[f"version.{name}"] = "absent"
     return versions
+
+
+def log_packed_mixture(client, run_id: str, packed_dir: Path, stage_params: StageParams) -> None:
+    """The mixture the stage's packed data was drawn with, if any: metrics `mixture/<corpus>/...`
+    (target weight, achieved share, tokens, repeated tokens, tokens per length bucket) and the
+    whole record as `packed_mixture.json`."""
+    from omnilong.data.mixture import mixture_metrics
+    from omnilong.data.packed_summary import stage_mixture
+
+    if stage_params.mixture is None:
+        return
+    mixture = stage_mixture(packed_dir, stage_params)
+    log_metrics(client, run_id, mixture_metrics(mixture))
+    client.log_dict(run_id, mixture.model_dump(mode="json"), "packed_mixture.json")
 
 
 class StepLogger:
@@ -148,6 +162,7 @@ class StepLogger:
             client.log_batch(self.run_id, params=entries[start : start + 100])
         client.log_dict(self.run_id, self.ds_config, "deepspeed_config.json")
         log_redacted_yaml(client, self.run_id, self.params_file)
+        log_packed_mixture(client, self.run_id, packed_dir, self.params.stages[self.run.stage])
 
     def step(
         self, step: int, *, seq_len: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm,
