@@ -188,6 +188,10 @@ class DataParams(_Params):
     """Raw corpora: `default/` made by `omnilong data synth`, `user/<name>/` added by users."""
     tokenized_dir: str = "data/tokenized"
     packed_dir: str = "data/packed"
+    prepare_workers: PositiveInt = 1
+    """Processes that encode text and chats in `prepare` (1: in this process). Each starts in under
+    a second (it imports the tokenizers library only) and pays off from about a million tokens;
+    the output is the same for any number."""
     loader_workers: NonNegativeInt = 1
     """DataLoader worker processes per rank that decode videos ahead of training (0: in-process)."""
     synth: SynthParams = SynthParams()
