@@ -1,7 +1,7 @@
 """What every benchmark does the same way: peak memory per length, its JSON line, a port.
 
 Peak memory (`PeakMemory`, `sync`) is the library's (omnilong/train/peak_memory.py): the probe
-measures with it too.
+measures with it too. `run_with_peak_rss` measures a command that starts processes of its own.
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from __future__ import annotations
 import gc
 import json
 import socket
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ import torch
 from omnilong.atomic import write_text
 from omnilong.train.peak_memory import PeakMemory, sync
 
-__all__ = ["PeakMemory", "emit_summary", "free_port", "peak_per_length", "release", "sync"]
+__all__ = ["PeakMemory", "emit_summary", "free_port", "peak_per_length", "release", "run_with_peak_rss", "sync"]
 
 
 def release(device: torch.device) -> None:
@@ -61,3 +64,34 @@ def emit_summary(summary: dict, out: Path | None) -> None:
     if out:
         write_text(out, line + "\n")
     print(line)
+
+
+def run_with_peak_rss(command: list[str], interval_s: float = 0.02, **popen) -> tuple[str, int]:
+    """Run `command` to its end; its stdout and the peak of the resident memory of it and all its
+    descendants together (RSS summed, sampled every `interval_s`: libraries mapped by several
+    processes count once per process, and a peak shorter than the interval can be missed)."""
+    import psutil
+
+    # A file, not a pipe: a pipe no one reads while the command runs could block it.
+    with tempfile.TemporaryFile("w+") as stdout_file:
+        process = subprocess.Popen(command, stdout=stdout_file, text=True, **popen)
+        root, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            total = 0
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:  # it ended since the poll
+                break
+            for member in tree:
+                try:
+                    total += member.memory_info().rss
+                except psutil.NoSuchProcess:  # ended between the listing and the reading
+                    pass
+            peak = max(peak, total)
+            time.sleep(interval_s)
+        process.wait()
+        stdout_file.seek(0)
+        stdout = stdout_file.read()
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command, stdout)
+    return stdout, peak

@@ -215,6 +215,10 @@ class DataParams(_Params):
     without one holds our own records, checked strictly (a key they do not have is an error)."""
     tokenized_dir: str = "data/tokenized"
     packed_dir: str = "data/packed"
+    prepare_workers: PositiveInt = 1
+    """Processes that encode text and chats in `prepare` (1: in this process). Each starts in under
+    a second (it imports the tokenizers library only) and pays off from about a million tokens;
+    the output is the same for any number."""
     loader_workers: NonNegativeInt = 1
     """DataLoader worker processes per rank that decode videos ahead of training (0: in-process)."""
     synth: SynthParams = SynthParams()

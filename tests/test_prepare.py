@@ -1,4 +1,5 @@
-"""Prepare: chat spans of both families' templates, video placeholders, subtitles, windows, corpus errors."""
+"""Prepare: chat spans of both families' templates, video placeholders, subtitles, windows, corpus errors,
+batches and workers (the same bytes for any number), and the throughput benchmark's quick run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import io
 import itertools
 import json
 import random
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -20,19 +24,25 @@ from omnilong.data.pack import pack_stage
 from omnilong.data.prepare import (
     DocumentEntry,
     PrepareError,
+    RecordBatch,
     TokenizedDocument,
+    batch_documents,
     chat_document,
+    encoding_task,
     load_tokenized,
     prepare_corpora,
+    text_document,
     write_tokenized,
 )
-from omnilong.data.schemas import Message, RecordError, iter_records
+from omnilong.data.schemas import InstructRecord, Message, RecordError, TextRecord, iter_records
 from omnilong.data.shards import PackedShards
+from omnilong.data.token_encoding import backend_json, encode_texts, load_backend
 from omnilong.data.synth.video import encode_mp4, random_scene, render_frame
 from omnilong.models.families import get_family
 from omnilong.models.loading import load_tokenizer
 from omnilong.models.tokenizer import train_tokenizer
 from omnilong.models.video_inputs import num_video_tokens
+from tests.conftest import REPO
 
 CONVERSATION = [
     Message(role="user", content="Here is a long context about the river. What colour is the boat?"),
@@ -326,3 +336,72 @@ def test_a_window_outside_its_video_fails_naming_the_record(tmp_path, video_corp
         prepare_corpora(params, tmp_path)
     message = str(error.value)
     assert f"{qa}: record 'late'" in message and "good.mp4" in message and "start_s=10.0" in message
+
+
+# --- batches and workers ---------------------------------------------------------------------------
+
+
+def test_a_batch_encodes_as_records_one_by_one(tiny_model_dir, tiny_text_corpus, tmp_path):
+    """The batch path (a worker's backend loaded from the serialised one, one call per batch)
+    against its plain reference (transformers' `encode`, one call per record)."""
+    tokenizer = load_tokenizer(tiny_model_dir("qwen2_5_vl"))
+    backend = load_backend(backend_json(tokenizer), tokenizer.split_special_tokens)
+    texts = [record for path in sorted((tiny_text_corpus / "text").glob("*.jsonl")) for record in
+             iter_records(path, "text")]
+    texts.append(TextRecord(id="short", source="test", text="x <|im_end|> y"))  # a special token in text
+    chats = [InstructRecord(id=str(i), messages=CONVERSATION[: 2 * i]) for i in (1, 2, 3)]
+    for records, reference in (
+        (texts, [text_document(tokenizer, record) for record in texts]),
+        (chats, [chat_document(tokenizer, record.messages, with_video=False) for record in chats]),
+    ):
+        (batch, chats_segments), batch_texts = encoding_task(tokenizer, RecordBatch(tmp_path / "f.jsonl", "c", records))
+        documents = list(batch_documents(batch, chats_segments, encode_texts(backend, batch_texts),
+                                         tokenizer.eos_token_id))
+        assert [doc.entry.id for doc in documents] == [record.id for record in records]
+        assert [(doc.token_ids.tolist(), doc.trainable.tolist()) for doc in documents] == reference
+
+
+def test_two_workers_write_the_same_bytes_as_one(video_corpus, tmp_path, monkeypatch):
+    """Text and chats of varied lengths in batches of 3 records (several in flight, finishing out
+    of order), videos with skipped ones; and the progress bar in tokens/s."""
+    params, root = video_corpus
+    shutil.copytree(root / "raw", tmp_path / "raw")
+    corpus = tmp_path / "raw" / "user" / "vids"
+    rng = random.Random(0)
+    words = [message.content for message in CONVERSATION]
+    texts = [{"id": f"t{i}", "source": "test", "text": " ".join(rng.choices(words, k=rng.choice([1, 30, 600])))}
+             for i in range(40)]
+    (corpus / "text" / "more.jsonl").write_text("".join(json.dumps(text) + "\n" for text in texts))
+    chats = [{"id": f"c{i}", "messages": [m.model_dump() for m in CONVERSATION[: 2 * (1 + i % 3)]]} for i in range(10)]
+    (corpus / "instruct" / "more.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    monkeypatch.setattr("omnilong.data.prepare.BATCH_RECORDS", 3)
+    outputs = {}
+    for workers in (1, 2):
+        data = params.data.model_copy(update={"prepare_workers": workers, "tokenized_dir": f"tokenized-{workers}"})
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            prepare_corpora(params.model_copy(update={"data": data}), tmp_path)
+        outputs[workers] = {path.relative_to(tmp_path / data.tokenized_dir): path.read_bytes()
+                            for path in (tmp_path / data.tokenized_dir).rglob("*") if path.is_file()}
+        assert re.search(r"prepare stage1: .*\d[kMG]?tok/s", stderr.getvalue()), stderr.getvalue()[-500:]
+        assert all(f"record {name!r} skipped" in stderr.getvalue() for name in ("corrupt", "bad-srt", "no-srt"))
+    assert len(outputs[1]) == 3 * 4 and outputs[2] == outputs[1]
+    stage1 = load_tokenized(tmp_path / "tokenized-2" / "stage1")
+    assert [entry.id for entry in stage1.index.documents] == ["t"] + [text["id"] for text in texts]
+
+
+@pytest.mark.slow
+def test_quick_throughput_benchmark_compares_the_three_and_checks_the_bytes(tmp_path):
+    out = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.prepare_throughput", "--quick", "--out", str(out)],
+        cwd=REPO, check=True, capture_output=True, timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "prepare_throughput" and result["quick"] and result["workers"] >= 2
+    assert result["identical_files_plain_ours"] and result["same_token_counts"]
+    assert result["corpus"]["tokens_large"] > 3.5 * result["corpus"]["tokens_small"]
+    for name in ("ratio_vs_datasets", "ratio_vs_datasets_map_only", "ratio_vs_plain", "memory_ratio_large_over_small"):
+        assert 0 < result[name] < 100, name
+    assert result["projected_hours_for_1_2b_tokens"] > 0
+    assert all(mib > 50 for mib in result["peak_rss_mib"].values() if mib is not None)

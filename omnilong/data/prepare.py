@@ -24,6 +24,13 @@ them with the model's own tokenizer:
                     CRC-32, verified when `pack` opens the stage (omnilong/data/checksum.py)
 
 The flat files are appended to as documents stream by, so memory stays flat whatever the corpus size.
+
+Text and instruct records are encoded in batches of consecutive records of one file, each batch
+in one call of the tokenizers library, by `data.prepare_workers` processes holding the tokenizer's
+backend (omnilong/data/token_encoding.py, through omnilong/data/ordered_pool.py); this process
+reads the records, renders the chat templates and writes the files. Batches come back in order,
+so the files are byte-identical for any number of workers. Video records are prepared here, one
+by one.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,6 +52,7 @@ from omnilong import atomic
 from omnilong.config import (
     STAGE_KIND,
     STAGE_NAMES,
+    CorpusFields,
     Family,
     FrameSampling,
     Params,
@@ -52,6 +61,8 @@ from omnilong.config import (
     corpus_path,
 )
 from omnilong.data.checksum import FileChecksum, file_checksum, mismatch, older_format
+from omnilong.data.ordered_pool import OrderedPool
+from omnilong.data.token_encoding import TOKEN_DTYPE, backend_json, encode_texts, load_backend
 from omnilong.data.schemas import (
     CorpusKind,
     InstructRecord,
@@ -88,12 +99,15 @@ TOKENS_FILE = "tokens.bin"
 TRAINABLE_FILE = "trainable.bin"
 OFFSETS_FILE = "offsets.npy"
 INDEX_FILE = "index.json"
-TOKEN_DTYPE = np.dtype("<i4")
 FORMAT_VERSION = 2  # 2: the files' checksums
 # Stands in for an answer to find where a template puts it; no template or answer contains it.
 _SENTINEL = "\x00omnilong-answer\x00"
 # How VideoMME's prompt introduces the subtitles in its with-subtitles setting.
 SUBTITLES_INTRO = "This video's subtitles are listed below:\n"
+# Records tokenised in one call and sent to a worker as one task: enough that the per-call and
+# per-task costs vanish, few enough characters that a worker holds a few MiB at a time.
+BATCH_RECORDS = 256
+BATCH_CHARS = 1 << 20
 
 
 class PrepareError(ValueError):
@@ -251,6 +265,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def text_document(tokenizer: Any, record: TextRecord) -> tuple[list[int], list[bool]]:
+    """One text document, encoded alone: the plain reference of the batched path (`tokenize_batch`)."""
     if tokenizer.eos_token_id is None:
         raise PrepareError("the tokenizer has no eos token; text documents need one to end")
     token_ids = _encode(tokenizer, record.text) + [tokenizer.eos_token_id]
@@ -432,20 +447,76 @@ def _skipped(
     return SkippedDocument(id=record.id, corpus=corpus, file=_project_relative(unreadable, root), reason=str(exc))
 
 
-def _stage_documents(
-    params: Params, stage: StageName, tokenizer: Any, model_config: PretrainedConfig, root: Path
-) -> Iterator[TokenizedDocument | SkippedDocument]:
-    kind = STAGE_KIND[stage]
-    context = None
-    if kind == "video":
-        context = VideoContext(
-            family=params.model.family,
-            model_config=model_config,
-            video=params.model.video,
-            video_frames=params.stages[stage].video_frames,
-            video_token_id=tokenizer.convert_tokens_to_ids(get_family(params.model.family).video_token),
-            root=root,
+@dataclass(frozen=True)
+class RecordBatch:
+    """Consecutive text or instruct records of one file, encoded together."""
+
+    path: Path
+    corpus: str
+    records: list[TextRecord | InstructRecord]
+
+
+def record_batches(
+    path: Path, kind: CorpusKind, corpus: str, fields: CorpusFields | None = None
+) -> Iterator[RecordBatch]:
+    """The records of `path` (read through the corpus's field mapping, if any) in batches of
+    BATCH_RECORDS, or fewer that reach BATCH_CHARS."""
+    records: list[TextRecord | InstructRecord] = []
+    chars = 0
+    for record in iter_records(path, kind, fields):
+        records.append(record)
+        chars += len(record.text) if isinstance(record, TextRecord) else sum(len(m.content) for m in record.messages)
+        if len(records) == BATCH_RECORDS or chars >= BATCH_CHARS:
+            yield RecordBatch(path, corpus, records)
+            records, chars = [], 0
+    if records:
+        yield RecordBatch(path, corpus, records)
+
+
+# What a batch's texts to encode are cut from: None for text records (one text each), the
+# (text, trainable) segments of each chat for instruct records.
+_Chats = list[list[tuple[str, bool]]] | None
+
+
+def encoding_task(tokenizer: Any, batch: RecordBatch) -> tuple[tuple[RecordBatch, _Chats], list[str]]:
+    """The batch with its chats' segments (templates are rendered here, in this process), and the
+    texts a worker encodes for it."""
+    if isinstance(batch.records[0], TextRecord):
+        return (batch, None), [record.text for record in batch.records]
+    chats = []
+    for record in batch.records:
+        try:
+            chats.append(chat_segments(tokenizer, record.messages, with_video=False))
+        except PrepareError as exc:
+            raise PrepareError(f"{batch.path}: record {record.id!r}: {exc}") from None
+    return (batch, chats), [text for segments in chats for text, _ in segments]
+
+
+def batch_documents(batch: RecordBatch, chats: _Chats, encoded: list[np.ndarray], eos: int | None):
+    """The batch's documents from the encoded texts of its `encoding_task`."""
+    if chats is None:
+        if eos is None:
+            raise PrepareError(
+                f"{batch.path}: record {batch.records[0].id!r}: the tokenizer has no eos token; text documents need one"
+            )
+        for record, token_ids in zip(batch.records, encoded, strict=True):
+            token_ids = np.append(token_ids, np.asarray(eos, TOKEN_DTYPE))
+            yield TokenizedDocument(DocumentEntry(id=record.id, corpus=batch.corpus), token_ids,
+                                    np.ones(len(token_ids), dtype=bool))
+        return
+    segment_ids = iter(encoded)
+    for record, segments in zip(batch.records, chats, strict=True):
+        pieces = [(next(segment_ids), is_trained) for _, is_trained in segments]
+        yield TokenizedDocument(
+            DocumentEntry(id=record.id, corpus=batch.corpus),
+            np.concatenate([ids for ids, _ in pieces] or [np.zeros(0, TOKEN_DTYPE)]),
+            np.concatenate([np.full(len(ids), is_trained) for ids, is_trained in pieces] or [np.zeros(0, bool)]),
         )
+
+
+def _stage_files(params: Params, stage: StageName, root: Path) -> Iterator[tuple[str, Path, Path]]:
+    """(corpus, its directory, file) of each record file of the stage, in order."""
+    kind = STAGE_KIND[stage]
     for corpus in params.stages[stage].corpora:
         corpus_dir = corpus_path(root / params.data.raw_dir, corpus)
         files = corpus_files(corpus_dir, kind)
@@ -453,25 +524,101 @@ def _stage_documents(
             raise PrepareError(f"stages.{stage}.corpora: corpus {corpus!r} holds no {kind} records "
                                f"(expected {corpus_layout(corpus_dir, kind)})")
         for path in files:
-            for record in iter_records(path, kind, params.data.fields.get(corpus)):
-                try:
-                    clip = None
-                    if isinstance(record, TextRecord):
-                        token_ids, trainable = text_document(tokenizer, record)
-                    elif isinstance(record, InstructRecord):
-                        token_ids, trainable = chat_document(tokenizer, record.messages, with_video=False)
-                    else:
-                        token_ids, trainable, clip = video_document(tokenizer, record, corpus_dir / "video", context)
-                except PrepareError as exc:
-                    raise PrepareError(f"{path}: record {record.id!r}: {exc}") from None
-                except (VideoReadError, SubtitleError) as exc:
-                    yield _skipped(path, record, corpus, corpus_dir / "video", exc, root)
-                    continue
-                yield TokenizedDocument(
-                    DocumentEntry(id=record.id, corpus=corpus, video=clip),
-                    np.asarray(token_ids, dtype=TOKEN_DTYPE),
-                    np.asarray(trainable, dtype=bool),
-                )
+            yield corpus, corpus_dir, path
+
+
+def _video_documents(
+    params: Params, stage: StageName, tokenizer: Any, model_config: PretrainedConfig, root: Path
+) -> Iterator[TokenizedDocument | SkippedDocument]:
+    """A video stage's documents, in this process: each reads its video's metadata and expands
+    its placeholder; few enough that encoding them one by one costs little."""
+    context = VideoContext(
+        family=params.model.family,
+        model_config=model_config,
+        video=params.model.video,
+        video_frames=params.stages[stage].video_frames,
+        video_token_id=tokenizer.convert_tokens_to_ids(get_family(params.model.family).video_token),
+        root=root,
+    )
+    for corpus, corpus_dir, path in _stage_files(params, stage, root):
+        for record in iter_records(path, "video", params.data.fields.get(corpus)):
+            try:
+                token_ids, trainable, clip = video_document(tokenizer, record, corpus_dir / "video", context)
+            except PrepareError as exc:
+                raise PrepareError(f"{path}: record {record.id!r}: {exc}") from None
+            except (VideoReadError, SubtitleError) as exc:
+                yield _skipped(path, record, corpus, corpus_dir / "video", exc, root)
+                continue
+            yield TokenizedDocument(
+                DocumentEntry(id=record.id, corpus=corpus, video=clip),
+                np.asarray(token_ids, dtype=TOKEN_DTYPE),
+                np.asarray(trainable, dtype=bool),
+            )
+
+
+def _stage_documents(
+    params: Params, stage: StageName, pool: EncodingPool, model_config: PretrainedConfig | None, root: Path
+) -> Iterator[TokenizedDocument | SkippedDocument]:
+    """The stage's documents in corpus, file and record order."""
+    tokenizer = pool.tokenizer
+    if STAGE_KIND[stage] == "video":
+        assert model_config is not None, "a video stage needs the model's config"
+        yield from _video_documents(params, stage, tokenizer, model_config, root)
+        return
+    tasks = (
+        encoding_task(tokenizer, batch)
+        for corpus, _, path in _stage_files(params, stage, root)
+        for batch in record_batches(path, STAGE_KIND[stage], corpus, params.data.fields.get(corpus))
+    )
+    for (batch, chats), encoded in pool.workers.map(encode_texts, tasks):
+        yield from batch_documents(batch, chats, encoded, tokenizer.eos_token_id)
+
+
+def _token_progress(
+    documents: Iterator[TokenizedDocument | SkippedDocument], desc: str
+) -> Iterator[TokenizedDocument | SkippedDocument]:
+    """`documents`, counted on a progress bar in tokens (and tokens/s)."""
+    with tqdm(desc=desc, unit="tok", unit_scale=True) as progress:
+        for doc in documents:
+            if isinstance(doc, TokenizedDocument):
+                progress.update(len(doc.token_ids))
+            yield doc
+
+
+@dataclass(frozen=True)
+class EncodingPool:
+    """The model's tokenizer, and `data.prepare_workers` workers encoding with its backend."""
+
+    tokenizer: Any
+    workers: OrderedPool
+
+    def __enter__(self) -> EncodingPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.workers.__exit__(*exc_info)
+
+
+def encoding_pool(params: Params, tokenizer: Any) -> EncodingPool:
+    """With one worker, this process encodes with `tokenizer`'s own backend."""
+    load = partial(load_backend, backend_json(tokenizer), tokenizer.split_special_tokens)
+    return EncodingPool(tokenizer, OrderedPool(params.data.prepare_workers, tokenizer.backend_tokenizer, load))
+
+
+def prepare_stage(
+    params: Params, stage: StageName, pool: EncodingPool, model_config: PretrainedConfig | None, root: Path = Path(".")
+) -> TokenizedIndex:
+    """Tokenise one stage's corpora into `data.tokenized_dir/<stage>/` (`model_config`: for a video stage)."""
+    stage_dir = root / params.data.tokenized_dir / stage
+    documents = _token_progress(_stage_documents(params, stage, pool, model_config, root), f"prepare {stage}")
+    index = write_tokenized(stage_dir, stage, params.model.family, pool.tokenizer.pad_token_id, documents)
+    if index.skipped:
+        tqdm.write(
+            f"warning: prepare {stage}: {len(index.skipped)} of {len(index.skipped) + index.num_documents} "
+            f"records skipped (unreadable files, listed under `skipped` in {stage_dir / INDEX_FILE})",
+            file=sys.stderr,
+        )
+    return index
 
 
 def prepare_corpora(params: Params, root: Path = Path(".")) -> None:
@@ -481,19 +628,6 @@ def prepare_corpora(params: Params, root: Path = Path(".")) -> None:
     if tokenizer.pad_token_id is None:
         raise PrepareError(f"{model_dir}: the tokenizer has no pad token; packing needs one")
     model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    for stage in STAGE_NAMES:
-        documents = _stage_documents(params, stage, tokenizer, model_config, root)
-        index = write_tokenized(
-            root / params.data.tokenized_dir / stage,
-            stage,
-            params.model.family,
-            tokenizer.pad_token_id,
-            tqdm(documents, desc=f"prepare {stage}", unit="doc"),
-        )
-        if index.skipped:
-            tqdm.write(
-                f"warning: prepare {stage}: {len(index.skipped)} of {len(index.skipped) + index.num_documents} "
-                f"records skipped (unreadable files, listed under `skipped` in "
-                f"{root / params.data.tokenized_dir / stage / INDEX_FILE})",
-                file=sys.stderr,
-            )
+    with encoding_pool(params, tokenizer) as pool:
+        for stage in STAGE_NAMES:
+            prepare_stage(params, stage, pool, model_config, root)
