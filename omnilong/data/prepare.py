@@ -62,7 +62,6 @@ from omnilong.config import (
 )
 from omnilong.data.checksum import FileChecksum, file_checksum, mismatch, older_format
 from omnilong.data.ordered_pool import OrderedPool
-from omnilong.data.token_encoding import TOKEN_DTYPE, backend_json, encode_texts, load_backend
 from omnilong.data.schemas import (
     CorpusKind,
     InstructRecord,
@@ -79,6 +78,12 @@ from omnilong.data.subtitles import (
     parse_srt,
     subtitle_text,
     subtitles_at,
+)
+from omnilong.data.token_encoding import (
+    TOKEN_DTYPE,
+    backend_json,
+    encode_texts,
+    load_backend,
 )
 from omnilong.data.video_frames import (
     FrameSample,
