@@ -67,6 +67,16 @@ def run_ranks(worker, world: int, *args, timeout: float = 300) -> list:
     return results
 
 
+def quick_benchmark(module: str, out_dir: Path) -> dict:
+    """`python -m benchmarks.<module> --quick`'s JSON result."""
+    import json
+
+    out = out_dir / "result.json"
+    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
 def copy_project(destination: Path) -> Path:
     """Copy what a clone would hold (tracked files and untracked, non-ignored ones) into a new git repo."""
     listed = subprocess.run(

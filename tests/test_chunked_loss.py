@@ -10,10 +10,6 @@ so no gradient is trivially small or only checked at scale 1.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from omnilong.config import ConfigError, LossParams, parse_params
 from omnilong.loss import ChunkedLMHeadLoss, auto_chunk_tokens, linear_cross_entropy
 from omnilong.loss.chunked_ce import chunk_bytes_per_token
+from tests.conftest import REPO, quick_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_GRAD = 1.7
 IGNORE = -100
 
@@ -369,12 +365,7 @@ def test_loss_params_errors_name_the_key():
 
 @pytest.mark.slow
 def test_quick_benchmark_reports_flat_memory(tmp_path):
-    out = tmp_path / "result.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.chunked_loss", "--quick", "--out", str(out)],
-        cwd=REPO, check=True, capture_output=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
+    result = quick_benchmark("chunked_loss", tmp_path)
     assert result["benchmark"] == "chunked_loss" and result["quick"]
     ours = [mib for _, mib in sorted(result["transient_mib"]["chunked"].items(), key=lambda kv: int(kv[0]))]
     reference = [mib for _, mib in sorted(result["transient_mib"]["reference"].items(), key=lambda kv: int(kv[0]))]

@@ -10,8 +10,6 @@ import json
 import random
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -42,7 +40,7 @@ from omnilong.models.families import get_family
 from omnilong.models.loading import load_tokenizer
 from omnilong.models.tokenizer import train_tokenizer
 from omnilong.models.video_inputs import num_video_tokens
-from tests.conftest import REPO
+from tests.conftest import quick_benchmark
 
 CONVERSATION = [
     Message(role="user", content="Here is a long context about the river. What colour is the boat?"),
@@ -392,12 +390,7 @@ def test_two_workers_write_the_same_bytes_as_one(video_corpus, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_quick_throughput_benchmark_compares_the_three_and_checks_the_bytes(tmp_path):
-    out = tmp_path / "result.json"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.prepare_throughput", "--quick", "--out", str(out)],
-        cwd=REPO, check=True, capture_output=True, timeout=300,
-    )
-    result = json.loads(out.read_text())
+    result = quick_benchmark("prepare_throughput", tmp_path)
     assert result["benchmark"] == "prepare_throughput" and result["quick"] and result["workers"] >= 2
     assert result["identical_files_plain_ours"] and result["same_token_counts"]
     assert result["corpus"]["tokens_large"] > 3.5 * result["corpus"]["tokens_small"]
