@@ -146,7 +146,7 @@ one_stage(*sys.argv[1:])
 """
 
 
-def test_the_flow_retries_a_killed_rank_and_a_killed_job_into_a_bit_identical_run(stage1_setup, lora_run):
+def test_the_flow_retries_a_killed_rank_and_a_killed_job_into_a_bit_identical_run(stage1_setup, lora_run, team_stack):
     """The LoRA stage (dropout: every rank's RNG matters) under the flow's stage task, which
     retries it twice:
 
@@ -167,6 +167,8 @@ def test_the_flow_retries_a_killed_rank_and_a_killed_job_into_a_bit_identical_ru
     params_file.write_text(yaml.safe_dump(_lora(raw)))
     # Each fault once: the first is met in attempt 1, the second (past the first's step) in attempt 2.
     env = {**project_env(root), KILL_ENV: "1:3", KILL_BEFORE_PUBLISH_ENV: "4", MARKS_ENV: str(root / "fault-marks")}
+    # The team's Prefect server (the suite's, already up), not a temporary one started for the flow.
+    env.update({key: value for key, value in team_stack.client_env().items() if key.startswith("PREFECT_API")})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # flows/
     result = subprocess.run(
         [sys.executable, "-c", ONE_STAGE_FLOW, params_file.name, "runs/lora-kill", str(ckpt)],
