@@ -314,13 +314,7 @@ def make_unreadable(kind: str, directory: Path, good_video: Path) -> Path:
     elif kind == "truncated":  # mp4 writes its index (moov) last: half a file has none
         path.write_bytes(good_video.read_bytes()[: good_video.stat().st_size // 2])
     elif kind == "truncated-after-index":  # the index first (faststart), then half the frame data
-        frames = pyav_frames(good_video)
-        with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
-            stream = container.add_stream("libx264", rate=FPS)
-            stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-            for rgb in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-            container.mux(stream.encode())
+        encode_mp4(pyav_frames(good_video), path, FPS, faststart=True)  # reproducible bytes: the same cut
         path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 4])
     elif kind == "zero-frames":  # a valid mp4 whose H.264 stream never got a frame
         with av.open(str(path), "w", format="mp4") as container:

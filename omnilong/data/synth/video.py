@@ -148,11 +148,11 @@ def render_frame(scene: Scene, frame: int, params: VideoSynthParams) -> np.ndarr
     return np.asarray(image)
 
 
-def encode_mp4(frames: list[np.ndarray], path: Path, fps: int) -> None:
+def encode_mp4(frames: list[np.ndarray], path: Path, fps: int, faststart: bool = False) -> None:
     """Encode RGB frames as H.264 in mp4, reproducibly: one encoder thread, fixed options, each
-    frame converted to YUV on its own."""
+    frame converted to YUV on its own. `faststart`: the index before the frame data."""
     height, width = frames[0].shape[:2]
-    with av.open(str(path), "w", format="mp4") as container:
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream("libx264", rate=fps, options=ENCODER_OPTIONS)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
