@@ -415,12 +415,12 @@ def test_nonfinite_steps_skip_their_update_on_every_rank_and_too_many_in_a_row_s
     the step is logged as skipped and counted, and training goes on; step 3 makes two in a row: the
     stage stops there, naming the step and the count, and exports nothing."""
     from omnilong.train.checkpoint import MANIFEST
-    from omnilong.train.nonfinite import TEST_INJECTION_ENV
+    from omnilong.train.faults import NONFINITE_LOSS_ENV
 
     raw, root = stage1_setup
     raw = json.loads(json.dumps(raw))
     raw["stages"]["stage1"]["train"].update(checkpoint_every=1, keep_checkpoints=4, max_nonfinite_steps=2)
-    env = {**project_env(root), TEST_INJECTION_ENV: "2@1,3@0"}
+    env = {**project_env(root), NONFINITE_LOSS_ENV: "2@1,3@0"}
     result = _train(root, raw, "nonfinite", "runs/nonfinite", "checkpoints/nonfinite", env=env)
     assert result.returncode != 0
     assert "update skipped" not in result.stdout.split("step 2/4")[0]

@@ -31,6 +31,10 @@ KILL_BEFORE_PUBLISH_ENV = "OMNILONG_TEST_KILL_BEFORE_PUBLISH"
 NEXT_STEP, and before it is published, the whole job is killed (torchrun's agent, then every rank;
 SIGKILL): as if the machine died."""
 
+NONFINITE_LOSS_ENV = "OMNILONG_TEST_NONFINITE_LOSS"
+"""`STEP@RANK[,STEP@RANK...]` (steps counted from 1, as the step log prints them): that rank's
+loss is NaN at that step, before backward (omnilong/train/nonfinite.py's guard then skips it)."""
+
 MARKS_ENV = "OMNILONG_TEST_FAULT_MARKS"
 
 
@@ -75,3 +79,9 @@ def kill_job_before_publishing_if_asked(next_step: int) -> None:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0 and "TORCHELASTIC_RUN_ID" in os.environ:
             os.kill(os.getppid(), signal.SIGKILL)  # torchrun's agent: nothing restarts or reports the ranks
         _kill_self(KILL_BEFORE_PUBLISH_ENV, f"checkpoint for step {next_step} written, not published")
+
+
+def nonfinite_loss_asked(step: int, rank: int) -> bool:
+    """Whether NONFINITE_LOSS_ENV names 0-based `step` on `rank`."""
+    named = os.environ.get(NONFINITE_LOSS_ENV, "")
+    return f"{step + 1}@{rank}" in {item.strip() for item in named.split(",")}

@@ -19,16 +19,10 @@ and the last checkpoint, written before the streak, is what to resume from once 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-TEST_INJECTION_ENV = "OMNILONG_TEST_NONFINITE_LOSS"
-"""For tests only: `STEP@RANK[,STEP@RANK...]` (steps counted from 1, as the step log prints them)
-makes that rank's loss NaN at that step, before backward."""
-
 
 class NonFiniteStepsError(RuntimeError):
     """`train.max_nonfinite_steps` optimizer steps in a row had a non-finite loss or gradient."""
@@ -40,12 +34,6 @@ class GradientCheck:
     """Whether the loss and the gradients were finite on every rank."""
     grad_norm: float
     """The global L2 norm of the gradients before clipping (non-finite when `finite` is false)."""
-
-
-def injected_nonfinite(step: int, rank: int) -> bool:
-    """Whether `OMNILONG_TEST_NONFINITE_LOSS` names 0-based `step` on `rank` (tests only)."""
-    named = os.environ.get(TEST_INJECTION_ENV, "")
-    return f"{step + 1}@{rank}" in {item.strip() for item in named.split(",")}
 
 
 def _trainable(engine) -> list[torch.nn.Parameter]:

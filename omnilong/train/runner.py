@@ -35,8 +35,8 @@ from omnilong.torch_compat import silence_deprecated_collective_names
 from omnilong.train import checkpoint, rng
 from omnilong.train.batches import IGNORE_INDEX, MicroBatch, StepBatches
 from omnilong.train.deepspeed_config import deepspeed_config, resolve_precision
-from omnilong.train.faults import kill_if_asked, stall_if_asked
-from omnilong.train.nonfinite import NonFiniteStreak, check_gradients, injected_nonfinite, skip_update
+from omnilong.train.faults import kill_if_asked, nonfinite_loss_asked, stall_if_asked
+from omnilong.train.nonfinite import NonFiniteStreak, check_gradients, skip_update
 from omnilong.train.schedule import lr_factor
 from omnilong.train.step_log import StepLogger
 from omnilong.train.training_module import (
@@ -326,7 +326,7 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
             stall_if_asked(step)
             kill_if_asked(step)
             result = train_step(engine, data.micro_batches, params.model.family, device, sp,
-                                inject_nonfinite=injected_nonfinite(step, dist.get_rank()))
+                                inject_nonfinite=nonfinite_loss_asked(step, dist.get_rank()))
             nonfinite.count(result.skipped)
             logger.step(
                 step, seq_len=stage.seq_len_at(step), loss=result.loss, lr=engine.get_lr()[0], tokens=result.tokens,
