@@ -216,10 +216,11 @@ class Stack:
         connection.close()
         service.start_s = time.monotonic() - started
 
-    def start_s3(self) -> None:
+    def start_s3(self, env: dict[str, str] | None = None) -> None:
+        """moto's server (S3, and SageMaker for tests/test_sagemaker_launch.py) with `env` added."""
         self.ports["s3"] = free_port()
         service = self.spawn("s3", [str(Path(sys.executable).parent / "moto_server"), "-H", HOST,
-                                    "-p", str(self.ports["s3"])], env={**os.environ, **self.aws})
+                                    "-p", str(self.ports["s3"])], env={**os.environ, **self.aws, **(env or {})})
         self.wait_until(service, lambda: http_status(f"{self.s3_endpoint}/moto-api/") is not None, timeout_s=60)
         self.s3().create_bucket(Bucket=BUCKET)
 

@@ -19,8 +19,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 import boto3
@@ -33,7 +31,8 @@ from omnilong.cli import app
 from omnilong.config import load_params
 from omnilong.sagemaker import entry
 from omnilong.sagemaker.job import fetch_model, wait_for_job
-from tests.conftest import REPO, free_port, project_env
+from tests.conftest import REPO, project_env
+from tests.services import Stack
 
 BUCKET = "omnilong-jobs"
 ROLE = "arn:aws:iam::123456789012:role/omnilong-train"
@@ -48,27 +47,15 @@ SAGEMAKER = {
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    """moto's server on a free loopback port, recording requests; torn down by its process id."""
-    recording = tmp_path_factory.mktemp("moto") / "recording.jsonl"
-    port = free_port()
-    env = {**os.environ, "MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(recording)}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    """moto's server on a free loopback port, recording requests; stopped by its process group."""
+    root = tmp_path_factory.mktemp("moto")
+    recording = root / "recording.jsonl"
+    stack = Stack(root)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"moto's server did not answer on {url}") from None
-                time.sleep(0.2)
-        yield url, recording
+        stack.start_s3({"MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(recording)})
+        yield stack.s3_endpoint, recording
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stack.stop()
 
 
 @pytest.fixture(scope="module")
