@@ -12,7 +12,7 @@ import itertools
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -369,6 +369,18 @@ class FrameSampling(_Params):
             raise _FieldError("max_frames", "unset unless fps is set (num_frames is already a count)", self.max_frames)
         return self
 
+    @property
+    def most_frames(self) -> int | None:
+        """The most frames of one video this setting samples; None: no cap (fps alone)."""
+        return self.num_frames if self.num_frames is not None else self.max_frames
+
+    @property
+    def name(self) -> str:
+        """A short name for paths and logs: `frames256`, `fps4-max256`, `fps0.5`."""
+        if self.num_frames is not None:
+            return f"frames{self.num_frames}"
+        return f"fps{self.fps:g}" + (f"-max{self.max_frames}" if self.max_frames is not None else "")
+
 
 class ContextStep(_Params):
     """From optimizer step `from_step` on, train on rows of `seq_len` tokens."""
@@ -378,6 +390,20 @@ class ContextStep(_Params):
     micro_batch_size: PositiveInt | None = None
     """Rows per micro-batch from this step on; null: the stage's `train.micro_batch_size`. Short
     lengths can take more rows, keeping the tokens per step (and their signal) up as recipes do."""
+    video_frames: FrameSampling | None = None
+    """A video stage's frame sampling from this step on; null: the stage's `video_frames`. Growing
+    it with `seq_len` grows the frames a video shows (256 -> 512 -> 1024 -> 2048) as recipes do."""
+
+
+class PackedSet(NamedTuple):
+    """What a phase of a stage trains on: rows of `seq_len` tokens whose videos show the frames
+    `video_frames` samples (None for a text stage). The data is packed once for each."""
+
+    seq_len: int
+    video_frames: FrameSampling | None
+
+    def __str__(self) -> str:
+        return f"{self.seq_len}-token" + (f" {self.video_frames.name}" if self.video_frames else "")
 
 
 class LongDocumentUpsampling(_Params):
@@ -443,6 +469,14 @@ class StageParams(_Params):
                 "context_schedule", f"a last entry with seq_len = seq_len ({self.seq_len})",
                 self.context_schedule[-1].seq_len,
             )
+        last_frames = self.context_schedule[-1].video_frames
+        if last_frames is not None and last_frames != self.video_frames:
+            # The held-out set, evaluation and the probe use the stage's own setting: the one it ends on.
+            raise _FieldError(
+                f"context_schedule.{len(self.context_schedule) - 1}.video_frames",
+                f"the stage's video_frames ({_frames_text(self.video_frames)}) or unset: the stage ends on its own "
+                f"frame setting", last_frames.model_dump(exclude_none=True),
+            )
         return self
 
     @model_validator(mode="after")
@@ -481,6 +515,27 @@ class StageParams(_Params):
         entry = self._scheduled_at(step)
         return entry.seq_len if entry else self.seq_len
 
+    def video_frames_at(self, step: int) -> FrameSampling | None:
+        """The frame sampling of the videos trained on at optimizer step `step`."""
+        entry = self._scheduled_at(step)
+        return entry.video_frames if entry and entry.video_frames else self.video_frames
+
+    def packed_set_at(self, step: int) -> PackedSet:
+        """The packed rows optimizer step `step` reads."""
+        return PackedSet(self.seq_len_at(step), self.video_frames_at(step))
+
+    @property
+    def packed_sets(self) -> list[PackedSet]:
+        """Every (length, frame setting) the stage trains on, the stage's own first; each is packed once."""
+        scheduled = [PackedSet(entry.seq_len, entry.video_frames or self.video_frames)
+                     for entry in self.context_schedule]
+        return list(dict.fromkeys([PackedSet(self.seq_len, self.video_frames), *scheduled]))
+
+    @property
+    def frame_settings(self) -> list[FrameSampling]:
+        """A video stage's frame settings, its own first; its videos are prepared once for each."""
+        return list(dict.fromkeys(packed.video_frames for packed in self.packed_sets if packed.video_frames))
+
     def micro_batch_size_at(self, step: int) -> int:
         """Rows per micro-batch at optimizer step `step`."""
         entry = self._scheduled_at(step)
@@ -488,7 +543,7 @@ class StageParams(_Params):
 
     @property
     def packed_lengths(self) -> list[int]:
-        """Every row length the stage trains on; the data is packed once for each."""
+        """Every row length the stage trains on."""
         return sorted({self.seq_len, *(entry.seq_len for entry in self.context_schedule)})
 
     def tokens_read(self, dp_size: int) -> dict[int, int]:
@@ -717,6 +772,10 @@ class Params(_Params):
                     "unset: this stage trains on text",
                     stage.video_frames.model_dump(exclude_none=True),
                 )
+            for i, entry in enumerate(stage.context_schedule):
+                if STAGE_KIND[name] != "video" and entry.video_frames is not None:
+                    raise _FieldError(f"stages.{name}.context_schedule.{i}.video_frames",
+                                      "unset: this stage trains on text", entry.video_frames.model_dump(exclude_none=True))
         if world % self.eval.sp_size:
             raise _FieldError(
                 "eval.sp_size",
@@ -724,6 +783,11 @@ class Params(_Params):
                 self.eval.sp_size,
             )
         return self
+
+
+def _frames_text(sampling: FrameSampling | None) -> str:
+    return "unset" if sampling is None else ", ".join(f"{key}: {value}" for key, value in
+                                                       sampling.model_dump(exclude_none=True).items())
 
 
 class _FieldError(ValueError):
@@ -783,6 +847,7 @@ def check_local_paths(params: Params, base: Path = Path(".")) -> None:
             f"{params.model.path!r} ({'no config.json there' if model_dir.is_dir() else 'no such directory'}); "
             f"build the tiny one with `dvc repro model_tiny` or point it at downloaded weights"
         )
+    _check_frames_fit(params, model_dir)
     raw_dir = base / params.data.raw_dir
     for name in STAGE_NAMES:
         for corpus in params.stages[name].corpora:
@@ -790,6 +855,32 @@ def check_local_paths(params: Params, base: Path = Path(".")) -> None:
             if not corpus_dir.is_dir():
                 raise ConfigError(
                     f"stages.{name}.corpora: corpus {corpus!r} expected at {corpus_dir}, which does not exist"
+                )
+
+
+def _check_frames_fit(params: Params, model_dir: Path) -> None:
+    """Each phase of a video stage has room for its frames, at the fewest tokens a frame can take
+    (the smallest frame `model.video` allows); the packer checks each video's exact count."""
+    from transformers import AutoConfig
+
+    from omnilong.models.video_inputs import fewest_video_tokens
+
+    model_config = None
+    for name in STAGE_NAMES:
+        stage = params.stages[name]
+        phases = [(f"stages.{name}.context_schedule.{i}", entry.seq_len, entry.video_frames or stage.video_frames)
+                  for i, entry in enumerate(stage.context_schedule)] or [(f"stages.{name}", stage.seq_len,
+                                                                          stage.video_frames)]
+        for field, seq_len, sampling in phases:
+            if sampling is None or sampling.most_frames is None:
+                continue
+            model_config = model_config or AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+            tokens = fewest_video_tokens(params.model.family, model_config, params.model.video, sampling.most_frames)
+            if tokens > seq_len:
+                raise ConfigError(
+                    f"{field}.seq_len: expected room for {sampling.most_frames} frames ({sampling.name}), which take "
+                    f"at least {tokens} video tokens with model.video's settings, given {seq_len}; raise seq_len "
+                    f"or sample fewer frames"
                 )
 
 

@@ -85,6 +85,14 @@ BAD_FILES = [
      "unset unless mixture is set"),
     (_set("stages.stage1.long_documents", {"min_tokens": 4096, "factor": 0.5}), "stages.stage1.long_documents.factor",
      "greater than 1"),
+    (_set("stages.stage3.context_schedule", [{"from_step": 0, "seq_len": 1536, "video_frames": {"num_frames": 8}}]),
+     "stages.stage3.context_schedule.0.video_frames", "the stage's video_frames (fps: 4.0, max_frames: 256) or unset"),
+    (_set("stages.stage1.context_schedule", [{"from_step": 0, "seq_len": 512, "video_frames": {"num_frames": 8}},
+                                             {"from_step": 6, "seq_len": 1024}]),
+     "stages.stage1.context_schedule.0.video_frames", "unset: this stage trains on text"),
+    (_set("stages.stage3.context_schedule", [{"from_step": 0, "seq_len": 1024, "video_frames": {"fps": 2, "num_frames": 8}},
+                                             {"from_step": 6, "seq_len": 1536}]),
+     "stages.stage3.context_schedule.0.video_frames.num_frames", "exactly one of num_frames and fps"),
 ]
 
 
@@ -122,6 +130,34 @@ def test_missing_model_directory_is_named(tmp_path):
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"model\.path: expected a local model directory"):
         load_params(bad, check_paths=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_a_phase_without_room_for_its_frames_is_named(tmp_path, tiny_model_dir, family):
+    """The fewest tokens a frame takes: Qwen2.5-VL scales a frame up to min_pixels (56 x 56 here:
+    2 x 2 merged patches, 4 tokens per temporal patch of 2 frames); the tiny LLaVA-OneVision pools
+    each frame to 2 x 2 tokens, and one newline follows the video."""
+    fewest_per_frame = {"qwen2_5_vl": 2, "llava_onevision": 4}[family]
+    newline = {"qwen2_5_vl": 0, "llava_onevision": 1}[family]
+    raw_dir = tmp_path / "raw"
+    (raw_dir / "default").mkdir(parents=True)
+    doc = copy.deepcopy(DEFAULT)
+    doc["model"].update(family=family, path=str(tiny_model_dir(family)))
+    doc["data"]["raw_dir"] = str(raw_dir)
+    fits = fewest_per_frame * 128 + newline  # the first phase's 128 frames, exactly
+    doc["stages"]["stage3"]["context_schedule"][0]["seq_len"] = -(-fits // 4) * 4  # a multiple of 2 x sp_size
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(doc))
+    load_params(good, check_paths=True)
+
+    doc["stages"]["stage3"]["context_schedule"][0]["seq_len"] = (fits - 1) // 4 * 4
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=rf"stages\.stage3\.context_schedule\.0\.seq_len: expected room for 128 "
+                                          rf"frames \(fps4-max128\), which take at least {fits} video tokens"):
+        load_params(bad, check_paths=True)
+    result = CliRunner().invoke(app, ["config", "check", str(bad)])
+    assert result.exit_code == 2 and "stages.stage3.context_schedule.0.seq_len" in result.output
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from omnilong.config import ConfigError, Params, parse_params
-from omnilong.data.pack import PackError, heldout_dir, length_dirs, pack_stage
+from omnilong.data.pack import PackError, heldout_dir, packed_set_dirs, pack_stage
 from omnilong.data.packed_summary import describe_packed_stage, stage_mixture
 from omnilong.data.prepare import DocumentEntry, TokenizedDocument
 from omnilong.data.shards import PackedShards
@@ -84,7 +84,7 @@ def test_each_corpus_gets_its_weight_within_a_point_and_only_the_short_one_repea
 
     [heldout] = PackedShards(stage_dir).index.heldout_split.documents
     starts_over_lengths = Counter()
-    for seq_len, shard_set in length_dirs(stage_dir, stage).items():
+    for (seq_len, _), shard_set in packed_set_dirs(stage_dir, stage).items():
         draw = PackedShards(shard_set).index.mixture
         assert draw.tokens_read == tokens_read[seq_len]
         tokens, starts = packed_corpus_tokens(shard_set, corpus_of)
@@ -124,16 +124,18 @@ def test_each_corpus_gets_its_weight_within_a_point_and_only_the_short_one_repea
 def test_every_row_of_a_mixture_is_read_at_most_once(mixed):
     params, _ = mixed
     stage = params.stages.stage1
-    datasets = {seq_len: PackedShards(d) for seq_len, d in length_dirs(Path(params.data.packed_dir) / "stage1",
-                                                                           stage).items()}
-    order = RowOrder({seq_len: len(d) for seq_len, d in datasets.items()}, stage.seq_len_at, stage.micro_batch_size_at,
-                     num_steps=stage.train.max_steps, grad_accum_steps=1, dp_size=2, seed=params.seed)
+    datasets = {packed: PackedShards(d) for packed, d in packed_set_dirs(Path(params.data.packed_dir) / "stage1",
+                                                                          stage).items()}
+    order = RowOrder({packed: len(d) for packed, d in datasets.items()}, stage.packed_set_at,
+                     stage.micro_batch_size_at, num_steps=stage.train.max_steps, grad_accum_steps=1, dp_size=2,
+                     seed=params.seed)
     read = Counter()
     for step in range(stage.train.max_steps):
+        packed = stage.packed_set_at(step)
         for dp_rank in range(2):
             for position in order.positions(step, 0, dp_rank):
-                assert position < len(datasets[stage.seq_len_at(step)])  # still the first epoch
-                read[stage.seq_len_at(step), order.row_at(stage.seq_len_at(step), position)] += 1
+                assert position < len(datasets[packed])  # still the first epoch
+                read[packed, order.row_at(packed, position)] += 1
     assert set(read.values()) == {1}
 
 

@@ -39,10 +39,10 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from omnilong import atomic
-from omnilong.config import STAGE_KIND, EvalParams, Params, StageName, StageParams
+from omnilong.config import STAGE_KIND, EvalParams, FrameSampling, PackedSet, Params, StageName, StageParams
 from omnilong.data.checksum import FileChecksum, file_checksum
 from omnilong.data.mixture import MixtureError, draw_mixture
-from omnilong.data.prepare import TokenizedStage, load_tokenized
+from omnilong.data.prepare import TokenizedStage, load_tokenized, tokenized_dir
 from omnilong.data.shards import (
     INDEX_FILE,
     SHARDS_DIR,
@@ -117,7 +117,8 @@ def cut_documents(
             raise PackError(
                 f"video document {entry.id!r} (corpus {entry.corpus!r}) has {length} tokens, more than "
                 f"stages.{stage}.seq_len = {seq_len}, and a video cannot be split; raise "
-                f"stages.{stage}.seq_len or sample fewer frames (stages.{stage}.video_frames)"
+                f"stages.{stage}.seq_len or sample fewer frames (stages.{stage}.video_frames, or the "
+                f"context_schedule entry's for this length)"
             )
         if length > seq_len and kind == "instruct" and not final_length:
             continue
@@ -229,9 +230,10 @@ def _write_shard(
     return videos, int(np.count_nonzero(labels != IGNORE_INDEX)), files
 
 
-def scheduled_dir(stage_dir: Path, seq_len: int) -> Path:
-    """Where the training rows of one scheduled length live inside a stage's packed directory."""
-    return stage_dir / f"len{seq_len}"
+def scheduled_dir(stage_dir: Path, seq_len: int, video_frames: FrameSampling | None = None) -> Path:
+    """Where the training rows of one scheduled length live inside a stage's packed directory:
+    `len<N>/`, or `len<N>-<frame setting's name>/` for frames other than the stage's own."""
+    return stage_dir / (f"len{seq_len}" + (f"-{video_frames.name}" if video_frames else ""))
 
 
 def heldout_dir(stage_dir: Path) -> Path:
@@ -239,10 +241,15 @@ def heldout_dir(stage_dir: Path) -> Path:
     return stage_dir / "heldout"
 
 
-def length_dirs(stage_dir: Path, stage_params: StageParams) -> dict[int, Path]:
-    """The shard set of each length the stage trains on: its own directory at `seq_len`, `len<N>/` else."""
-    return {seq_len: stage_dir if seq_len == stage_params.seq_len else scheduled_dir(stage_dir, seq_len)
-            for seq_len in stage_params.packed_lengths}
+def packed_set_dirs(stage_dir: Path, stage_params: StageParams) -> dict[PackedSet, Path]:
+    """The shard set of each (length, frame setting) the stage trains on: the stage's own in its
+    directory, the others of its context schedule in `scheduled_dir`s."""
+    own = stage_params.video_frames
+    return {
+        packed: stage_dir if i == 0 else scheduled_dir(stage_dir, packed.seq_len,
+                                                       None if packed.video_frames == own else packed.video_frames)
+        for i, packed in enumerate(stage_params.packed_sets)  # the stage's own first
+    }
 
 
 def pack_stage(
@@ -252,18 +259,16 @@ def pack_stage(
 
     The documents are split first (`eval.heldout_documents`). Training rows of the stage's
     `seq_len` fill the directory itself, its index recording the split; each other length of its
-    `context_schedule` is packed from the same training documents into `len<seq_len>/`; the
-    held-out documents are packed into `heldout/` at `seq_len`. With a mixture, each length holds
-    the training documents drawn for it instead.
+    `context_schedule` is packed from the same training documents into `len<seq_len>/` (for a
+    phase sampling other frames, from the documents prepared with them, into
+    `len<seq_len>-<frames>/`); the held-out documents are packed into `heldout/` at `seq_len`,
+    and no frame setting trains on them. With a mixture, each length holds the training
+    documents drawn for it instead.
     """
     stage_params = params.stages[stage]
-    tokenized_dir = root / params.data.tokenized_dir / stage
-    tokenized = load_tokenized(tokenized_dir)
-    if tokenized.index.family != params.model.family:
-        raise PackError(
-            f"{tokenized_dir / INDEX_FILE}: tokenized for family {tokenized.index.family!r} but "
-            f"model.family is {params.model.family!r}; run `omnilong prepare` again"
-        )
+    by_frames = {video_frames: _load_prepared(params, stage, video_frames, root)
+                 for video_frames in stage_params.frame_settings or [None]}
+    tokenized = by_frames[stage_params.video_frames]
     mrope_config = None
     if params.model.family == "qwen2_5_vl" and STAGE_KIND[stage] == "video":
         mrope_config = AutoConfig.from_pretrained(root / params.model.path, trust_remote_code=False)
@@ -271,6 +276,14 @@ def pack_stage(
     split = split_heldout(tokenized, params.eval, params.seed, stage)
     heldout = set(split.documents)
     training = [doc for doc in range(tokenized.index.num_documents) if doc not in heldout]
+    # The same records prepared with other frames: their held-out documents are found by corpus and id.
+    heldout_records = {(tokenized.index.documents[doc].corpus, tokenized.index.documents[doc].id) for doc in heldout}
+    training_by_frames = {
+        video_frames: training if other is tokenized else [
+            doc for doc, entry in enumerate(other.index.documents) if (entry.corpus, entry.id) not in heldout_records
+        ]
+        for video_frames, other in by_frames.items()
+    }
 
     draws = {}
     if stage_params.mixture is not None:
@@ -280,17 +293,28 @@ def pack_stage(
         except MixtureError as exc:
             raise PackError(str(exc)) from None
 
-    def pack(target: Path, documents: list[int], seq_len: int, heldout_split: HeldoutSplit | None = None,
+    def pack(target: Path, packed: PackedSet, documents: list[int], heldout_split: HeldoutSplit | None = None,
              mixture: MixtureDraw | None = None) -> None:
-        _pack_rows(target, tokenized, documents, stage, seq_len, seq_len == stage_params.seq_len, params.seed,
-                   mrope_config, rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // seq_len), heldout_split,
-                   mixture)
+        _pack_rows(target, by_frames[packed.video_frames], documents, stage, packed.seq_len,
+                   packed.seq_len == stage_params.seq_len, params.seed, mrope_config,
+                   rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // packed.seq_len), heldout_split, mixture)
 
     with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
-        for seq_len, target in length_dirs(staging, stage_params).items():
-            documents, mixture = draws.get(seq_len, (training, None))
-            pack(target, documents, seq_len, split if seq_len == stage_params.seq_len else None, mixture)
-        pack(heldout_dir(staging), split.documents, stage_params.seq_len)
+        for packed, target in packed_set_dirs(staging, stage_params).items():
+            documents, mixture = draws.get(packed.seq_len, (training_by_frames[packed.video_frames], None))
+            pack(target, packed, documents, split if target == staging else None, mixture)
+        pack(heldout_dir(staging), stage_params.packed_sets[0], split.documents)
+
+
+def _load_prepared(params: Params, stage: StageName, video_frames: FrameSampling | None, root: Path) -> TokenizedStage:
+    directory = tokenized_dir(params, stage, video_frames, root)
+    tokenized = load_tokenized(directory)
+    if tokenized.index.family != params.model.family:
+        raise PackError(
+            f"{directory / INDEX_FILE}: tokenized for family {tokenized.index.family!r} but "
+            f"model.family is {params.model.family!r}; run `omnilong prepare` again"
+        )
+    return tokenized
 
 
 def _pack_rows(

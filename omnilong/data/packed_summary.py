@@ -6,13 +6,13 @@ from pathlib import Path
 
 from omnilong.config import StageParams
 from omnilong.data.mixture import combined
-from omnilong.data.pack import length_dirs
+from omnilong.data.pack import packed_set_dirs
 from omnilong.data.shards import MixtureDraw, read_index
 
 
 def stage_mixture(stage_dir: Path, stage_params: StageParams) -> MixtureDraw | None:
     """The mixture drawn for all the stage's lengths together (None without a mixture)."""
-    draws = [read_index(directory).mixture for directory in length_dirs(stage_dir, stage_params).values()]
+    draws = [read_index(directory).mixture for directory in packed_set_dirs(stage_dir, stage_params).values()]
     return None if draws[0] is None else combined(draws)
 
 
@@ -23,6 +23,11 @@ def describe_packed_stage(stage_dir: Path, stage_params: StageParams, shown_as: 
         f"  {shown_as}: {stats.documents} documents, {stats.real_tokens:,} tokens "
         f"({stats.trainable_tokens:,} trained on), padding {stats.padding_tokens / total:.1%}"
     ]
+    for packed, directory in list(packed_set_dirs(stage_dir, stage_params).items())[1:]:
+        scheduled = read_index(directory)
+        frames = f", frames {packed.video_frames.name}" if packed.video_frames else ""
+        lines.append(f"    {directory.name} (seq_len {packed.seq_len}{frames}): {scheduled.num_rows} rows, "
+                     f"{scheduled.stats.documents} documents")
     mixture = stage_mixture(stage_dir, stage_params)
     if mixture is None:
         return lines

@@ -12,7 +12,9 @@ them with the model's own tokenizer:
   computed from the video's metadata (no frame is decoded here). A record with an .srt gets the
   subtitles shown at the sampled frames' times, in time order, at the start of that text.
   A record whose video or .srt cannot be read is skipped, with a warning on stderr, and listed
-  in the index's `skipped`; a stage of which every record is skipped is an error.
+  in the index's `skipped`; a stage of which every record is skipped is an error. A context
+  schedule whose phases sample other frames (`context_schedule[i].video_frames`) prepares the
+  stage once for each setting: `tokenized_dir/<stage>-<setting's name>/` beside the stage's own.
 
 `tokenized_dir/<stage>/` holds, written atomically:
 
@@ -533,15 +535,16 @@ def _stage_files(params: Params, stage: StageName, root: Path) -> Iterator[tuple
 
 
 def _video_documents(
-    params: Params, stage: StageName, tokenizer: Any, model_config: PretrainedConfig, root: Path
+    params: Params, stage: StageName, video_frames: FrameSampling, tokenizer: Any, model_config: PretrainedConfig,
+    root: Path,
 ) -> Iterator[TokenizedDocument | SkippedDocument]:
-    """A video stage's documents, in this process: each reads its video's metadata and expands
-    its placeholder; few enough that encoding them one by one costs little."""
+    """A video stage's documents with `video_frames`' frames, in this process: each reads its
+    video's metadata and expands its placeholder; few enough that encoding them one by one costs little."""
     context = VideoContext(
         family=params.model.family,
         model_config=model_config,
         video=params.model.video,
-        video_frames=params.stages[stage].video_frames,
+        video_frames=video_frames,
         video_token_id=tokenizer.convert_tokens_to_ids(get_family(params.model.family).video_token),
         root=root,
     )
@@ -562,13 +565,14 @@ def _video_documents(
 
 
 def _stage_documents(
-    params: Params, stage: StageName, pool: EncodingPool, model_config: PretrainedConfig | None, root: Path
+    params: Params, stage: StageName, pool: EncodingPool, model_config: PretrainedConfig | None, root: Path,
+    video_frames: FrameSampling | None,
 ) -> Iterator[TokenizedDocument | SkippedDocument]:
     """The stage's documents in corpus, file and record order."""
     tokenizer = pool.tokenizer
     if STAGE_KIND[stage] == "video":
-        assert model_config is not None, "a video stage needs the model's config"
-        yield from _video_documents(params, stage, tokenizer, model_config, root)
+        assert model_config is not None and video_frames is not None, "a video stage needs the model's config"
+        yield from _video_documents(params, stage, video_frames, tokenizer, model_config, root)
         return
     tasks = (
         encoding_task(tokenizer, batch)
@@ -610,24 +614,37 @@ def encoding_pool(params: Params, tokenizer: Any) -> EncodingPool:
     return EncodingPool(tokenizer, OrderedPool(params.data.prepare_workers, tokenizer.backend_tokenizer, load))
 
 
+def tokenized_dir(params: Params, stage: StageName, video_frames: FrameSampling | None = None,
+                  root: Path = Path(".")) -> Path:
+    """Where a stage's documents are written: `data.tokenized_dir/<stage>/`, or for a frame setting
+    of its context schedule other than the stage's own, `<stage>-<setting's name>/` beside it."""
+    own = video_frames is None or video_frames == params.stages[stage].video_frames
+    return root / params.data.tokenized_dir / (stage if own else f"{stage}-{video_frames.name}")
+
+
 def prepare_stage(
     params: Params, stage: StageName, pool: EncodingPool, model_config: PretrainedConfig | None, root: Path = Path(".")
 ) -> TokenizedIndex:
-    """Tokenise one stage's corpora into `data.tokenized_dir/<stage>/` (`model_config`: for a video stage)."""
-    stage_dir = root / params.data.tokenized_dir / stage
-    documents = _token_progress(_stage_documents(params, stage, pool, model_config, root), f"prepare {stage}")
-    index = write_tokenized(stage_dir, stage, params.model.family, pool.tokenizer.pad_token_id, documents)
-    if index.skipped:
-        tqdm.write(
-            f"warning: prepare {stage}: {len(index.skipped)} of {len(index.skipped) + index.num_documents} "
-            f"records skipped (unreadable files, listed under `skipped` in {stage_dir / INDEX_FILE})",
-            file=sys.stderr,
-        )
-    return index
+    """Tokenise one stage's corpora (`model_config`: for a video stage), once for each of its frame
+    settings; returns the index of the stage's own."""
+    indexes = []
+    for video_frames in params.stages[stage].frame_settings or [None]:
+        stage_dir = tokenized_dir(params, stage, video_frames, root)
+        desc = f"prepare {stage}" + (f" ({video_frames.name})" if video_frames else "")
+        documents = _token_progress(_stage_documents(params, stage, pool, model_config, root, video_frames), desc)
+        index = write_tokenized(stage_dir, stage, params.model.family, pool.tokenizer.pad_token_id, documents)
+        if index.skipped:
+            tqdm.write(
+                f"warning: {desc}: {len(index.skipped)} of {len(index.skipped) + index.num_documents} "
+                f"records skipped (unreadable files, listed under `skipped` in {stage_dir / INDEX_FILE})",
+                file=sys.stderr,
+            )
+        indexes.append(index)
+    return indexes[0]
 
 
 def prepare_corpora(params: Params, root: Path = Path(".")) -> None:
-    """Tokenise every stage's corpora into `data.tokenized_dir/<stage>/` (see the module docstring)."""
+    """Tokenise every stage's corpora into `data.tokenized_dir` (see the module docstring)."""
     model_dir = root / params.model.path
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:

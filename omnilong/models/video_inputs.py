@@ -93,6 +93,13 @@ def num_video_tokens(
     return video_span(family, model_config, video, num_frames, height, width).num_tokens
 
 
+def fewest_video_tokens(family: str, model_config: PretrainedConfig, video: VideoTokenParams, num_frames: int) -> int:
+    """Video placeholders of `num_frames` frames at the smallest size `video` lets a frame take:
+    Qwen2.5-VL scales any frame up to `min_pixels`; LLaVA-OneVision's count ignores the size."""
+    side = model_config.vision_config.patch_size * getattr(model_config.vision_config, "spatial_merge_size", 1)
+    return num_video_tokens(family, model_config, video, num_frames, side, side)
+
+
 def frame_size(
     family: str, model_config: PretrainedConfig, video: VideoTokenParams, height: int, width: int
 ) -> tuple[int, int]:

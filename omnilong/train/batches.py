@@ -11,6 +11,7 @@ Which rows a rank reads at a step: omnilong/train/row_order.py.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,8 @@ class MicroBatch:
     """Vision-encoder inputs of the units this rank encodes (`FrameSplit.unit_ranges`)."""
     tokens_per_rank: list[int] = field(default_factory=list)
     video_token_id: int | None = None
+    frame_counts: list[int] = field(default_factory=list)
+    """Frames sampled of each video of the batch (all of them, whichever this rank encodes)."""
 
     @property
     def num_valid(self) -> int:
@@ -110,6 +113,7 @@ def collate(
         video_pieces=load_video_pieces(clips, spans, split, family, model_config, video_params) if clips else [],
         tokens_per_rank=split.tokens_per_rank if clips else [],
         video_token_id=video_token_id(family, model_config) if clips else None,
+        frame_counts=[len(clip.frame_indices) for clip in clips],
     )
 
 
@@ -156,30 +160,30 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, datasets: dict[int, torch.utils.data.Dataset], seq_len_at, micro_batch_size_at, *, num_steps: int,
+        self, datasets: dict[Hashable, torch.utils.data.Dataset], packed_set_at, micro_batch_size_at, *, num_steps: int,
         grad_accum_steps: int, dp_rank: int, dp_size: int, sp_rank: int, sp_size: int,
         seed: int, family: Family, model_config, video_params: VideoTokenParams,
     ):
-        self.datasets, self.seq_len_at, self.num_steps = datasets, seq_len_at, num_steps
+        self.datasets, self.packed_set_at, self.num_steps = datasets, packed_set_at, num_steps
         self.grad_accum_steps, self.dp_rank, self.sp_rank, self.sp_size = grad_accum_steps, dp_rank, sp_rank, sp_size
         self.dp_size = dp_size
         self.family, self.model_config, self.video_params = family, model_config, video_params
         self.order = RowOrder(
-            {seq_len: len(dataset) for seq_len, dataset in datasets.items()}, seq_len_at, micro_batch_size_at,
+            {packed: len(dataset) for packed, dataset in datasets.items()}, packed_set_at, micro_batch_size_at,
             num_steps=num_steps, grad_accum_steps=grad_accum_steps, dp_size=dp_size, seed=seed,
         )
-        self._video_errors: dict[tuple[int, int], str | None] = {}
-        """(seq_len, row) -> why a video of the row does not open (None: all open). Kept: finding a
+        self._video_errors: dict[tuple[Hashable, int], str | None] = {}
+        """(packed set, row) -> why a video of the row does not open (None: all open). Kept: finding a
         replacement looks at every row read before it in the epoch."""
 
     def __len__(self) -> int:
         return self.num_steps
 
     def __getitem__(self, step: int) -> StepData:
-        seq_len = self.seq_len_at(step)
+        packed = self.packed_set_at(step)
         skipped: list[str] = []
         rows = [
-            [self._readable_row(seq_len, position, skipped)
+            [self._readable_row(packed, position, skipped)
              for position in self.order.positions(step, micro, self.dp_rank)]
             for micro in range(self.grad_accum_steps)
         ]
@@ -187,10 +191,10 @@ class StepBatches(torch.utils.data.Dataset):
 
     def rebuild(self, step: int, data: StepData, micros) -> StepData:
         """`data` with micro-batches `micros` collated (again) from the rows `data.rows` names."""
-        seq_len = self.seq_len_at(step)
+        packed = self.packed_set_at(step)
         micro_batches, undecodable = list(data.micro_batches), dict(data.undecodable)
         for micro in micros:
-            items = [self.item(seq_len, choice) for choice in data.rows[micro]]
+            items = [self.item(packed, choice) for choice in data.rows[micro]]
             undecodable.pop(micro, None)
             try:
                 micro_batches[micro] = collate(items, family=self.family, model_config=self.model_config,
@@ -202,44 +206,44 @@ class StepBatches(torch.utils.data.Dataset):
                 micro_batches[micro], undecodable[micro] = None, (slot, str(exc))
         return StepData(micro_batches, data.skipped, data.rows, undecodable)
 
-    def item(self, seq_len: int, choice: RowChoice) -> dict:
-        item = self.datasets[seq_len][choice.row]
+    def item(self, packed: Hashable, choice: RowChoice) -> dict:
+        item = self.datasets[packed][choice.row]
         return {**item, "labels": torch.full_like(item["labels"], IGNORE_INDEX)} if choice.labels_ignored else item
 
-    def opens(self, seq_len: int, row: int) -> bool:
+    def opens(self, packed: Hashable, row: int) -> bool:
         """Whether every video of the row opens (checked once per row)."""
-        return self._video_error(seq_len, row) is None
+        return self._video_error(packed, row) is None
 
-    def _video_error(self, seq_len: int, row: int) -> str | None:
-        if (seq_len, row) not in self._video_errors:
-            item = self.datasets[seq_len][row]
-            self._video_errors[seq_len, row] = None
+    def _video_error(self, packed: Hashable, row: int) -> str | None:
+        if (packed, row) not in self._video_errors:
+            item = self.datasets[packed][row]
+            self._video_errors[packed, row] = None
             for clip in item.get("videos") or []:
                 try:
                     video_info(clip.path)
                 except VideoReadError as exc:
-                    self._video_errors[seq_len, row] = str(exc)
+                    self._video_errors[packed, row] = str(exc)
                     break
-        return self._video_errors[seq_len, row]
+        return self._video_errors[packed, row]
 
-    def _readable_row(self, seq_len: int, position: int, skipped: list[str]) -> RowChoice:
-        row = self.order.row_at(seq_len, position)
-        error = self._video_error(seq_len, row)
+    def _readable_row(self, packed: Hashable, position: int, skipped: list[str]) -> RowChoice:
+        row = self.order.row_at(packed, position)
+        error = self._video_error(packed, row)
         if error is None:
             return RowChoice(row)
 
         def readable(other: int) -> bool:
-            return self.opens(seq_len, other)
+            return self.opens(packed, other)
 
         # Unopenable rows take the spares from the head of the remainder; rows whose frames fail
         # later take them from its end (video_faults.py), so the two never take the same row.
-        replacement = self.order.replacement(seq_len, position, readable)
+        replacement = self.order.replacement(packed, position, readable)
         if replacement is not None:
             skipped.append(f"{error} (row {row}; row {replacement}, read by no rank in this epoch, takes its place)")
             return RowChoice(replacement)
-        stand_in = self.order.stand_in(seq_len, position, readable)
+        stand_in = self.order.stand_in(packed, position, readable)
         if stand_in is None:
-            raise VideoReadError(f"no row of the {seq_len}-token data has videos that open; one error: {error}")
+            raise VideoReadError(f"no row of the {packed} data has videos that open; one error: {error}")
         skipped.append(f"{error} (row {row}; no unread row is left in this epoch: row {stand_in} runs in its "
                        f"place with every label ignored)")
         return RowChoice(stand_in, labels_ignored=True)

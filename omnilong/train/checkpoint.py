@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from omnilong import atomic
 from omnilong.config import Params, StageName
-from omnilong.data.pack import scheduled_dir
+from omnilong.data.pack import packed_set_dirs
 from omnilong.data.shards import read_index
 from omnilong.digest import json_digest
 from omnilong.train import rng
@@ -58,7 +58,7 @@ def resume_inputs(params: Params, stage: StageName, init_dir: Path, world_size: 
 
     The stage's and the model's parameters, the model it starts from, `seed` (with the stage's
     `train.seed`, the row order), the parallel layout and the actual world size (they set which
-    rank reads which rows), the held-out split, every scheduled length's packed index, and the code.
+    rank reads which rows), the held-out split, every packed set's index, and the code.
     """
     stage_params = params.stages[stage]
     packed_dir = Path(params.data.packed_dir) / stage
@@ -68,10 +68,10 @@ def resume_inputs(params: Params, stage: StageName, init_dir: Path, world_size: 
         "documents": json_digest(split.document_ids),
     }
     packed = {
-        f"len{seq_len}": json_digest(read_index(
-            packed_dir if seq_len == stage_params.seq_len else scheduled_dir(packed_dir, seq_len)
-        ).model_dump(mode="json"))
-        for seq_len in stage_params.packed_lengths
+        # The stage's own set is named for its length, as the other sets are by their directories.
+        (f"len{stage_params.seq_len}" if directory == packed_dir else directory.name):
+            json_digest(read_index(directory).model_dump(mode="json"))
+        for directory in packed_set_dirs(packed_dir, stage_params).values()
     }
     return {
         "seed": params.seed,

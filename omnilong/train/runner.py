@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from omnilong.config import STAGE_NAMES, Params, StageName, load_params
+from omnilong.config import STAGE_KIND, STAGE_NAMES, Params, StageName, load_params
 from omnilong.parallel.mesh import build_mesh
 from omnilong.parallel.timeout import (
     abort_nccl_on_timeout,
@@ -205,9 +205,10 @@ def loader_workers(num_workers: int) -> dict:
     return {"num_workers": num_workers, "prefetch_factor": 2, "persistent_workers": True}
 
 
-def _all_reduce_sum(value: float, device: torch.device) -> float:
+def _all_reduce_sum(value: float, device: torch.device, op=dist.ReduceOp.SUM) -> float:
+    """`value` summed over every rank (or combined by `op`)."""
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=op)
     return float(tensor.item())
 
 
@@ -261,7 +262,7 @@ def train_step(
 
 
 def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
-    from omnilong.data.pack import scheduled_dir
+    from omnilong.data.pack import packed_set_dirs
     from omnilong.data.shards import PackedShards
     from omnilong.train.export import export_hf_model
 
@@ -277,10 +278,7 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
 
     packed_dir = Path(params.data.packed_dir) / run.stage
     # Every row trains: the held-out documents were packed apart (`heldout/`).
-    datasets = {
-        seq_len: PackedShards(packed_dir if seq_len == stage.seq_len else scheduled_dir(packed_dir, seq_len))
-        for seq_len in stage.packed_lengths
-    }
+    datasets = {packed: PackedShards(directory) for packed, directory in packed_set_dirs(packed_dir, stage).items()}
     seed = params.seed + train.seed
     rng.seed_all(seed)  # the same on every rank: LoRA's initial weights agree
     engine, ds_config, hf_ds_config = build_engine(params, run, device, ring_attention=sp is not None)
@@ -298,7 +296,7 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
     )
     logger.start(start_step)
     batches = StepBatches(
-        datasets, stage.seq_len_at, stage.micro_batch_size_at, num_steps=train.max_steps,
+        datasets, stage.packed_set_at, stage.micro_batch_size_at, num_steps=train.max_steps,
         grad_accum_steps=train.grad_accum_steps,
         dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size,
         seed=seed,
@@ -328,12 +326,16 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
             result = train_step(engine, data.micro_batches, params.model.family, device, sp,
                                 inject_nonfinite=nonfinite_loss_asked(step, dist.get_rank()))
             nonfinite.count(result.skipped)
+            most_frames = None
+            if STAGE_KIND[run.stage] == "video":  # what the phase's frame setting gave the videos, for the log
+                most_frames = max((count for batch in data.micro_batches for count in batch.frame_counts), default=0)
+                most_frames = int(_all_reduce_sum(most_frames, device, op=dist.ReduceOp.MAX))
             logger.step(
                 step, seq_len=stage.seq_len_at(step), loss=result.loss, lr=engine.get_lr()[0], tokens=result.tokens,
                 seconds=time.perf_counter() - started, grad_norm=result.grad_norm,
                 # Every rank of a sequence-parallel group skips the same rows: count them once.
                 skipped_rows=int(_all_reduce_sum(skipped_rows, device)) // mesh.sp_size,
-                update_skipped=result.skipped, nonfinite_steps=nonfinite.total,
+                update_skipped=result.skipped, nonfinite_steps=nonfinite.total, video_frames=most_frames,
             )
             nonfinite.stop_if_too_many(step, train.max_steps)
             next_step = step + 1

@@ -166,17 +166,19 @@ class StepLogger:
 
     def step(
         self, step: int, *, seq_len: int, loss: float, lr: float, tokens: float, seconds: float, grad_norm,
-        skipped_rows: int = 0, update_skipped: bool = False, nonfinite_steps: int = 0,
+        skipped_rows: int = 0, update_skipped: bool = False, nonfinite_steps: int = 0, video_frames: int | None = None,
     ) -> None:
         """`skipped_rows`: rows skipped so far because a video could not be read. `update_skipped`:
         this step's loss or gradient was non-finite (omnilong/train/nonfinite.py); `nonfinite_steps`:
-        such steps so far in this attempt."""
+        such steps so far in this attempt. `video_frames` (video stages): the most frames of any
+        video the step trained on, on any rank."""
         memory = _gather_floats(peak_memory_mb())
         if not self.is_main:
             return
         metrics = {
             "train/loss": loss,
             "train/lr": lr,
+            "train/tokens": tokens,
             "train/tokens_per_s": tokens / seconds,
             "train/step_seconds": seconds,
             "train/seq_len": seq_len,
@@ -186,6 +188,8 @@ class StepLogger:
         }
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        if video_frames is not None:
+            metrics["data/video_frames"] = video_frames
         if not self.tracked:
             for key, points in self._curve.items():
                 points[step] = metrics[key]
@@ -194,7 +198,8 @@ class StepLogger:
         memory_text = " ".join(f"r{rank}:{mb:.0f}MB" for rank, mb in enumerate(memory))
         print(
             f"[{self.run.stage}] step {step + 1}/{self.params.stages[self.run.stage].train.max_steps} "
-            f"seq {seq_len} loss {loss:.4f} lr {lr:.2e} {tokens / seconds:,.0f} tok/s peak {memory_text}"
+            f"seq {seq_len}" + (f" frames {video_frames}" if video_frames is not None else "")
+            + f" loss {loss:.4f} lr {lr:.2e} {tokens / seconds:,.0f} tok/s peak {memory_text}"
             + (f" skipped rows {skipped_rows}" if skipped_rows else "")
             + (f" non-finite loss or gradient: update skipped on every rank ({nonfinite_steps} so far)"
                if update_skipped else ""),

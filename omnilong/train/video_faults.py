@@ -21,6 +21,8 @@ fault after a crash never takes a row that a fault before it took (a row read tw
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 import torch.distributed as dist
 
@@ -34,16 +36,19 @@ class VideoFaults:
     def __init__(self, batches: StepBatches, device: torch.device, state: dict | None = None):
         """`state`: what `state()` returned when the checkpoint resumed from was written."""
         self.batches, self.device = batches, device
-        self._taken: dict[tuple[int, int], set[int]] = {
-            (seq_len, epoch): set(rows) for seq_len, epoch, rows in (state or {}).get("spares_taken", [])
+        self._packed_sets = list(batches.datasets)
+        """In the stage's order: the state names a packed set by its number here."""
+        self._taken: dict[tuple[Hashable, int], set[int]] = {
+            (self._packed_sets[number], epoch): set(rows) for number, epoch, rows in (state or {}).get("spares_taken", [])
         }
-        """(seq_len, epoch) -> the spare rows taken so far."""
-        self._undecodable: set[tuple[int, int]] = set()
-        """(seq_len, row): rows of this rank's slots whose frames failed, never a stand-in."""
+        """(packed set, epoch) -> the spare rows taken so far."""
+        self._undecodable: set[tuple[Hashable, int]] = set()
+        """(packed set, row): rows of this rank's slots whose frames failed, never a stand-in."""
 
     def state(self) -> dict:
         """The spares taken, as JSON (the same on every rank: they choose alike)."""
-        return {"spares_taken": [[seq_len, epoch, sorted(rows)] for (seq_len, epoch), rows in sorted(self._taken.items())]}
+        taken = sorted((self._packed_sets.index(packed), epoch, sorted(rows)) for (packed, epoch), rows in self._taken.items())
+        return {"spares_taken": [list(entry) for entry in taken]}
 
     def agree(self, step: int, data: StepData) -> StepData:
         """Collective over every rank: `data` with each row whose frames failed on any rank of its
@@ -64,41 +69,41 @@ class VideoFaults:
         failed = [tuple(index) for index in flags.nonzero().tolist()]
         return sorted(failed, key=lambda slot: batches.order.positions(step, slot[1], slot[0])[slot[2]])
 
-    def _spare(self, seq_len: int, position: int) -> int | None:
+    def _spare(self, packed: Hashable, position: int) -> int | None:
         order = self.batches.order
-        taken = self._taken.setdefault((seq_len, position // order.num_rows[seq_len]), set())
-        spares = order.spare_rows(seq_len, position, lambda row: self.batches.opens(seq_len, row))
+        taken = self._taken.setdefault((packed, position // order.num_rows[packed]), set())
+        spares = order.spare_rows(packed, position, lambda row: self.batches.opens(packed, row))
         spare = next((row for row in spares if row not in taken), None)
         if spare is not None:
             taken.add(spare)
         return spare
 
     def _replace(self, step: int, data: StepData, failed: list[tuple[int, int, int]]) -> StepData:
-        batches, seq_len = self.batches, self.batches.seq_len_at(step)
+        batches, packed = self.batches, self.batches.packed_set_at(step)
         rows, skipped = [list(choices) for choices in data.rows], list(data.skipped)
         for dp_rank, micro, slot in failed:
             position = batches.order.positions(step, micro, dp_rank)[slot]
-            spare = self._spare(seq_len, position)  # on every rank, so all know which spares are taken
+            spare = self._spare(packed, position)  # on every rank, so all know which spares are taken
             if dp_rank != batches.dp_rank:
                 continue
             row = rows[micro][slot].row
-            self._undecodable.add((seq_len, row))
+            self._undecodable.add((packed, row))
             reported = data.undecodable.get(micro)
             if reported and reported[0] == slot:
                 why = reported[1]
             else:  # this rank decoded its share of the frames; another could not decode its own
-                videos = ", ".join(clip.path for clip in batches.item(seq_len, rows[micro][slot])["videos"])
+                videos = ", ".join(clip.path for clip in batches.item(packed, rows[micro][slot])["videos"])
                 why = f"{videos}: frames failed to decode on another rank of the sequence-parallel group"
             if spare is not None:
                 rows[micro][slot] = RowChoice(spare)
                 skipped.append(f"{why} (row {row}; row {spare}, read by no rank in this epoch, takes its place)")
                 continue
             stand_in = batches.order.stand_in(
-                seq_len, position,
-                lambda other: batches.opens(seq_len, other) and (seq_len, other) not in self._undecodable,
+                packed, position,
+                lambda other: batches.opens(packed, other) and (packed, other) not in self._undecodable,
             )
             if stand_in is None:
-                raise VideoReadError(f"no row of the {seq_len}-token data has videos that decode; one error: {why}")
+                raise VideoReadError(f"no row of the {packed} data has videos that decode; one error: {why}")
             rows[micro][slot] = RowChoice(stand_in, labels_ignored=True)
             skipped.append(f"{why} (row {row}; no unread row is left in this epoch: row {stand_in} runs in its "
                            f"place with every label ignored)")
