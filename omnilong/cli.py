@@ -177,7 +177,7 @@ def train(
     cfg = _load(params)
     from omnilong.tracking.store import TrackingUnreachable
     from omnilong.train.disk_space import DiskSpaceError
-    from omnilong.train.launch import RendezvousUnset, default_init, launch, preflight, runner_args
+    from omnilong.train.launch import InitModelMissing, RendezvousUnset, default_init, launch, preflight, runner_args
 
     suffix = f"-{variant}" if variant else ""
     init = init or default_init(cfg, name)
@@ -185,6 +185,8 @@ def train(
     checkpoints = checkpoints or Path("checkpoints") / f"{name}{suffix}"
     try:
         preflight(cfg, name, init, out, checkpoints)
+    except InitModelMissing as exc:
+        raise _fail(str(exc), 2) from None
     except (TrackingUnreachable, DiskSpaceError) as exc:
         raise _fail(str(exc), 1) from None
     try:

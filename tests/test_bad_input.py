@@ -416,6 +416,12 @@ def train_unknown_stage(work, inputs):
                   "--stage", "expected one of 1, 2, 3 (or stage1..stage3), given '4'", absent=[work / "runs"])
 
 
+def train_without_the_previous_stage(work, inputs):
+    return Expect(["train", "--stage", "2", "--params", str(params_file(work, inputs))],
+                  "--init runs/stage1/model", "train stage1 first (`dvc repro train@stage1`) or pass --init",
+                  absent=[work / "runs", work / "checkpoints"])
+
+
 def train_on_nodes_without_a_rendezvous(work, inputs):
     params = params_file(work, inputs, at("parallel.nnodes", 2))
     return Expect(["train", "--stage", "1", "--params", str(params)], "parallel.rdzv_endpoint",
@@ -464,7 +470,8 @@ CASES = [
     unreadable_video("audio-only", "no video stream with frames"),
     video_unsupported_codec, video_window_beyond_the_end, srt_with_bad_timestamps,
     videomme_missing_fields,
-    pack_before_prepare, train_unknown_stage, train_on_nodes_without_a_rendezvous, full_disk,
+    pack_before_prepare, train_unknown_stage, train_without_the_previous_stage, train_on_nodes_without_a_rendezvous,
+    full_disk,
     dvc_remote_missing,
 ]
 

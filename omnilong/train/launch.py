@@ -75,17 +75,26 @@ def torchrun(module: str, args: list[str], nproc_per_node: int, nodes: tuple[str
     return subprocess.run(command, env=env, stdout=output, stderr=output).returncode
 
 
+class InitModelMissing(FileNotFoundError):
+    """The model a stage starts from is not there."""
+
+
 def preflight(params: Params, stage: StageName, init: Path, out: Path, checkpoints: Path) -> None:
     """What would otherwise fail only once every rank has started, or at the first checkpoint:
-    the tracking server answers; the disk has room for a checkpoint and the exported model.
-    Raises TrackingUnreachable or DiskSpaceError."""
+    the model to start from is there; the tracking server answers; the disk has room for a
+    checkpoint and the exported model. Raises InitModelMissing, TrackingUnreachable or DiskSpaceError."""
     from omnilong.tracking.store import check_reachable
     from omnilong.train.disk_space import check_room_for_stage
 
+    if not (init / "config.json").is_file():
+        where = "no such directory" if not init.is_dir() else "no config.json there"
+        previous = "" if stage == "stage1" else (
+            f"; train {PREVIOUS_STAGE[stage]} first (`dvc repro train@{PREVIOUS_STAGE[stage]}`) or pass --init")
+        raise InitModelMissing(f"--init {init}: expected the model to start from, a directory with config.json "
+                               f"({where}){previous}")
     if params.tracking.enabled:
         check_reachable(params.tracking)
-    if init.is_dir():  # else the runner names the missing model
-        check_room_for_stage(init, params.stages[stage].train.finetune, out, checkpoints)
+    check_room_for_stage(init, params.stages[stage].train.finetune, out, checkpoints)
 
 
 def launch(params: Params, args: list[str]) -> int:
