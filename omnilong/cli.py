@@ -143,7 +143,7 @@ def data_pack(
 def data_add(
     path: Annotated[Path, typer.Argument(help=(
         "A .jsonl, .jsonl.gz, .jsonl.zst or .parquet file, a `datasets` folder saved with save_to_disk, or a "
-        "directory of them (video: a directory with qa.jsonl)."))],
+        "directory of them (video: a directory with the videos and their questions as qa.jsonl, qa.parquet, ...)."))],
     kind: Annotated[str, typer.Option(help="text, instruct or video.")],
     name: Annotated[Optional[str], typer.Option(help="Corpus name (default: the file or directory name).")] = None,
     params: ParamsOption = Path("params.yaml"),

@@ -847,7 +847,6 @@ def check_local_paths(params: Params, base: Path = Path(".")) -> None:
             f"{params.model.path!r} ({'no config.json there' if model_dir.is_dir() else 'no such directory'}); "
             f"build the tiny one with `dvc repro model_tiny` or point it at downloaded weights"
         )
-    _check_frames_fit(params, model_dir)
     raw_dir = base / params.data.raw_dir
     for name in STAGE_NAMES:
         for corpus in params.stages[name].corpora:
@@ -855,32 +854,6 @@ def check_local_paths(params: Params, base: Path = Path(".")) -> None:
             if not corpus_dir.is_dir():
                 raise ConfigError(
                     f"stages.{name}.corpora: corpus {corpus!r} expected at {corpus_dir}, which does not exist"
-                )
-
-
-def _check_frames_fit(params: Params, model_dir: Path) -> None:
-    """Each phase of a video stage has room for its frames, at the fewest tokens a frame can take
-    (the smallest frame `model.video` allows); the packer checks each video's exact count."""
-    from transformers import AutoConfig
-
-    from omnilong.models.video_inputs import fewest_video_tokens
-
-    model_config = None
-    for name in STAGE_NAMES:
-        stage = params.stages[name]
-        phases = [(f"stages.{name}.context_schedule.{i}", entry.seq_len, entry.video_frames or stage.video_frames)
-                  for i, entry in enumerate(stage.context_schedule)] or [(f"stages.{name}", stage.seq_len,
-                                                                          stage.video_frames)]
-        for field, seq_len, sampling in phases:
-            if sampling is None or sampling.most_frames is None:
-                continue
-            model_config = model_config or AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-            tokens = fewest_video_tokens(params.model.family, model_config, params.model.video, sampling.most_frames)
-            if tokens > seq_len:
-                raise ConfigError(
-                    f"{field}.seq_len: expected room for {sampling.most_frames} frames ({sampling.name}), which take "
-                    f"at least {tokens} video tokens with model.video's settings, given {seq_len}; raise seq_len "
-                    f"or sample fewer frames"
                 )
 
 

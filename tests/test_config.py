@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from omnilong.cli import app
 from omnilong.config import ConfigError, load_params
+from omnilong.models.model_dir import check_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -148,14 +149,14 @@ def test_a_phase_without_room_for_its_frames_is_named(tmp_path, tiny_model_dir, 
     doc["stages"]["stage3"]["context_schedule"][0]["seq_len"] = -(-fits // 4) * 4  # a multiple of 2 x sp_size
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(doc))
-    load_params(good, check_paths=True)
+    check_model_dir(load_params(good, check_paths=True))
 
     doc["stages"]["stage3"]["context_schedule"][0]["seq_len"] = (fits - 1) // 4 * 4
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=rf"stages\.stage3\.context_schedule\.0\.seq_len: expected room for 128 "
                                           rf"frames \(fps4-max128\), which take at least {fits} video tokens"):
-        load_params(bad, check_paths=True)
+        check_model_dir(load_params(bad, check_paths=True))
     result = CliRunner().invoke(app, ["config", "check", str(bad)])
     assert result.exit_code == 2 and "stages.stage3.context_schedule.0.seq_len" in result.output
 

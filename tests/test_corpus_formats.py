@@ -205,3 +205,45 @@ def test_rows_stream_before_a_damaged_arrow_file_is_reached(tmp_path):
     second.unlink()
     with pytest.raises(RecordError, match=rf"{folder}: {second.name}, named in state.json, is missing"):
         list(iter_records(folder, "text"))
+
+
+def test_a_video_corpus_asks_its_questions_in_any_format(tmp_path, tiny_model_dir, tiny_raw_dir):
+    """The default corpus's video questions, rewritten as a ShareGPT-style Parquet file beside the
+    same videos, pass `data add`'s checks and prepare to the same tokens."""
+    from omnilong.data.user_corpus import CorpusError, validate_corpus
+
+    questions = [json.loads(line) for line in (tiny_raw_dir / "default" / "video" / "qa.jsonl").read_text().splitlines()]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "default").symlink_to(tiny_raw_dir / "default")
+    theirs = raw / "user" / "theirs" / "video"
+    theirs.mkdir(parents=True)
+    for path in (tiny_raw_dir / "default" / "video").iterdir():
+        if path.suffix in (".mp4", ".srt"):
+            (theirs / path.name).symlink_to(path)
+    video_keys = ("video", "start_s", "end_s", "subtitles")
+    parquet = write(theirs, "qa", "parquet",
+                    [{**sharegpt(q, q["id"]), **{key: q[key] for key in video_keys if key in q}} for q in questions])
+    assert validate_corpus(theirs, "video", SHAREGPT) == [parquet]
+
+    written = {}
+    for corpus in ("default", "theirs"):
+        stage = {"corpora": ["default"], "seq_len": 1024, "sp_size": 1}
+        params = parse_params({
+            "model": {"family": "qwen2_5_vl", "path": str(tiny_model_dir("qwen2_5_vl"))},
+            "data": {"raw_dir": str(raw), "tokenized_dir": str(tmp_path / corpus),
+                     "fields": {"theirs": SHAREGPT.model_dump()}},
+            "stages": {"stage1": stage, "stage2": stage,
+                       "stage3": {**stage, "corpora": [corpus], "video_frames": {"num_frames": 4}}},
+        })
+        prepare_corpora(params, Path("/"))
+        written[corpus] = load_tokenized(tmp_path / corpus / "stage3")
+    ours, mapped = written["default"], written["theirs"]
+    assert ours.index.num_documents == len(questions)
+    assert [d.id for d in mapped.index.documents] == [d.id for d in ours.index.documents]
+    np.testing.assert_array_equal(mapped.tokens, ours.tokens)
+    np.testing.assert_array_equal(mapped.trainable, ours.trainable)
+
+    write(theirs, "qa", "jsonl", questions)  # two sources of questions: which one is meant?
+    with pytest.raises(CorpusError, match=r"one source of their questions, qa in one of .* \(found qa.jsonl, qa.parquet\)"):
+        validate_corpus(theirs, "video", SHAREGPT)

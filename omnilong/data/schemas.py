@@ -1,8 +1,8 @@
 """The record of each corpus kind, shared by the synthesiser, `data add` and `prepare`.
 
 A corpus directory holds `text/` and `instruct/` (JSONL, plain or compressed, Parquet, or
-`datasets` folders: omnilong/data/readers.py) and `video/qa.jsonl` (+ the videos and .srt
-subtitle files it names, relative to `video/`); a corpus may hold only some of the kinds. Our
+`datasets` folders: omnilong/data/readers.py) and `video/` (the videos and .srt subtitle files,
+and their questions as `qa` in any of those formats, naming them relative to `video/`); a corpus may hold only some of the kinds. Our
 own records are read as they are; a user corpus with a field mapping (`data.fields` in the
 parameters) is read through it, so its data needs no rewriting.
 """
@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from omnilong.config import CorpusFields
-from omnilong.data.readers import FORMATS, RecordError, Row, iter_rows, sources_in
+from omnilong.data.readers import FORMATS, RecordError, Row, iter_rows, source_stem, sources_in
 
 CorpusKind = Literal["text", "instruct", "video"]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -94,18 +94,27 @@ RECORD_TYPES: dict[CorpusKind, type[_Record]] = {
 }
 
 
+VIDEO_QUESTIONS = "qa"
+"""The name of a video corpus's questions beside its videos: `qa.jsonl`, `qa.parquet`, ... or a
+`qa/` `datasets` folder."""
+
+
+def video_questions(video_dir: Path) -> list[Path]:
+    """The sources of a video corpus's questions (`qa` in any format), by name."""
+    return [source for source in sources_in(video_dir) if source_stem(source) == VIDEO_QUESTIONS]
+
+
 def corpus_files(corpus_dir: Path, kind: CorpusKind) -> list[Path]:
-    """The sources of one kind in a corpus directory, in a stable order: `video/qa.jsonl`, or the
-    files and `datasets` folders of `text/` or `instruct/` in any format of omnilong/data/readers.py."""
-    if kind == "video":
-        qa = corpus_dir / "video" / "qa.jsonl"
-        return [qa] if qa.is_file() else []
-    return sources_in(corpus_dir / kind)
+    """The sources of one kind in a corpus directory, in a stable order: `video/qa.*`, or the
+    files and `datasets` folders of `text/` or `instruct/`, in any format of omnilong/data/readers.py."""
+    return video_questions(corpus_dir / "video") if kind == "video" else sources_in(corpus_dir / kind)
 
 
 def corpus_layout(corpus_dir: Path, kind: CorpusKind) -> str:
     """Where a corpus keeps its records of `kind`, for messages that find none."""
-    return str(corpus_dir / "video" / "qa.jsonl") if kind == "video" else f"{corpus_dir / kind}/ holding {FORMATS}"
+    if kind == "video":
+        return f"{corpus_dir / 'video'}/ holding the videos and their questions as {VIDEO_QUESTIONS} in one of {FORMATS}"
+    return f"{corpus_dir / kind}/ holding {FORMATS}"
 
 
 def iter_records(path: Path, kind: CorpusKind, fields: CorpusFields | None = None) -> Iterator[_Record]:

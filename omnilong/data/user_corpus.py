@@ -18,8 +18,8 @@ from typing import get_args
 
 from omnilong import atomic
 from omnilong.config import CorpusFields, corpus_path
-from omnilong.data.readers import check_source, is_arrow_dataset, source_stem, sources_in
-from omnilong.data.schemas import CorpusKind, RecordError, VideoRecord, iter_records
+from omnilong.data.readers import FORMATS, check_source, is_arrow_dataset, source_stem, sources_in
+from omnilong.data.schemas import VIDEO_QUESTIONS, CorpusKind, RecordError, VideoRecord, iter_records, video_questions
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -30,10 +30,12 @@ class CorpusError(ValueError):
 
 def _sources(path: Path, kind: CorpusKind) -> list[Path]:
     if kind == "video":
-        qa = path / "qa.jsonl"
-        if not path.is_dir() or not qa.is_file():
-            raise CorpusError(f"{path}: a video corpus is a directory holding qa.jsonl and the videos it names")
-        return [qa]
+        questions = video_questions(path) if path.is_dir() else []
+        if len(questions) != 1:
+            found = f" (found {', '.join(q.name for q in questions)})" if questions else ""
+            raise CorpusError(f"{path}: a video corpus is a directory holding the videos and one source of their "
+                              f"questions, {VIDEO_QUESTIONS} in one of {FORMATS}{found}")
+        return questions
     if not path.exists():
         raise CorpusError(f"{path}: no such file or directory")
     if path.is_dir() and not is_arrow_dataset(path) and (sources := sources_in(path)):

@@ -1,5 +1,6 @@
 """`model.path` checked against the parameters before any work: the family, the files, the
-tokenizer's special tokens and the LoRA targets, each failure naming the key and what was expected.
+tokenizer's special tokens, the LoRA targets and the room each video phase has for its frames,
+each failure naming the key and what was expected.
 
 A model directory of the wrong family or without its special tokens would otherwise tokenise a
 whole corpus wrongly, or fail deep inside a training stage; a LoRA target that matches nothing
@@ -44,6 +45,7 @@ def check_model_dir(params: Params, base: Path = Path(".")) -> None:
         raise ConfigError(f"model.path: expected a tokenizer with the {family.name} special tokens, {given}: "
                           f"its tokenizer lacks {', '.join(lacking)}")
     _check_lora_targets(params, model_dir)
+    _check_frames_fit(params, model_dir)
 
 
 def _check_weights(model_dir: Path, given: str) -> None:
@@ -90,4 +92,30 @@ def _check_lora_targets(params: Params, model_dir: Path) -> None:
                 raise ConfigError(
                     f"stages.{stage}.train.lora.target_modules.{position}: {target!r} matches no module of the "
                     f"language model in {params.model.path}; expected one of {', '.join(suffixes)}"
+                )
+
+
+def _check_frames_fit(params: Params, model_dir: Path) -> None:
+    """Each phase of a video stage has room for its frames, at the fewest tokens a frame can take
+    (the smallest frame `model.video` allows); the packer checks each video's exact count."""
+    from transformers import AutoConfig
+
+    from omnilong.models.video_inputs import fewest_video_tokens  # imports transformers
+
+    model_config = None
+    for name in STAGE_NAMES:
+        stage = params.stages[name]
+        phases = [(f"stages.{name}.context_schedule.{i}", entry.seq_len, entry.video_frames or stage.video_frames)
+                  for i, entry in enumerate(stage.context_schedule)] or [(f"stages.{name}", stage.seq_len,
+                                                                          stage.video_frames)]
+        for field, seq_len, sampling in phases:
+            if sampling is None or sampling.most_frames is None:
+                continue
+            model_config = model_config or AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+            tokens = fewest_video_tokens(params.model.family, model_config, params.model.video, sampling.most_frames)
+            if tokens > seq_len:
+                raise ConfigError(
+                    f"{field}.seq_len: expected room for {sampling.most_frames} frames ({sampling.name}), which take "
+                    f"at least {tokens} video tokens with model.video's settings, given {seq_len}; raise seq_len "
+                    f"or sample fewer frames"
                 )
