@@ -1,6 +1,7 @@
 """The team's services (docker-compose.yml's, started natively: tests/services.py) refuse requests
-without credentials; prefect.yaml's deployments are on the team's pool. The pipeline's run through
-them is conftest.tiny_pipeline (tests/test_pipeline.py)."""
+without credentials; prefect.yaml's deployments are on the team's pool; the README's promotion
+lines work against them. The pipeline's run through them is conftest.tiny_pipeline
+(tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
