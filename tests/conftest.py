@@ -117,7 +117,8 @@ def _checked(command: list[str], cwd: Path, env: dict[str, str], timeout: float 
 
 def point_at_stack(project: Path, stack) -> None:
     """What a team changes in its clone, by configuration only, and commits: the tracking server
-    in params.yaml and the S3 remote in DVC's config. Credentials stay in the environment."""
+    in params.yaml and the S3 remote in DVC's config, naming the bucket only, as the README's
+    production section adds it. Where S3 is, and the credentials, stay in the environment."""
     env = project_env(project)
     params = project / "params.yaml"
     text = params.read_text()
@@ -125,7 +126,6 @@ def point_at_stack(project: Path, stack) -> None:
     params.write_text(text.replace("\n  uri: null", f"\n  uri: {stack.mlflow_uri}"))
     dvc = [sys.executable, "-m", "dvc"]
     _checked([*dvc, "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc"], project, env)
-    _checked([*dvc, "remote", "modify", "storage", "endpointurl", stack.s3_endpoint], project, env)
     _checked(["git", "commit", "-q", "-am", "track to the team's servers"], project, env)
 
 
@@ -154,7 +154,7 @@ def tiny_pipeline(team_stack, tmp_path_factory) -> Path:
     env = {**team_env(project, team_stack), "OMNILONG_WORK_POOL": WORK_POOL}
     prefect = [sys.executable, "-m", "prefect"]
     # As the README's production section says: the pool, then prefect.yaml's deployments.
-    _checked([*prefect, "work-pool", "create", WORK_POOL, "--type", "process"], project, env)
+    _checked([*prefect, "work-pool", "create", "--type", "process", "--overwrite", WORK_POOL], project, env)
     _checked([*prefect, "--no-prompt", "deploy", "--all"], project, env)
     # Where the worker runs, the project's folder, as the training image sets it: the deployments'
     # pull step changes into it.

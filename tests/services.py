@@ -127,9 +127,10 @@ class Stack:
 
     def client_env(self) -> dict[str, str]:
         """What a client of the stack sets: credentials come from the environment, never params.
-        MLflow artifacts go through the tracking server, so only DVC uses the S3 credentials."""
+        MLflow artifacts go through the tracking server, so only DVC uses S3's address and keys."""
         return {
             **self.aws,
+            "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
             "MLFLOW_TRACKING_USERNAME": self.mlflow_admin[0],
             "MLFLOW_TRACKING_PASSWORD": self.mlflow_admin[1],
             "PREFECT_API_URL": self.prefect_api,

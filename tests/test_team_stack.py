@@ -1,14 +1,17 @@
 """The team's services (docker-compose.yml's, started natively: tests/services.py) refuse requests
-without credentials; prefect.yaml's deployments are on the team's pool. The pipeline's run through
-them is conftest.tiny_pipeline (tests/test_pipeline.py)."""
+without credentials; prefect.yaml's deployments are on the team's pool; the README's promotion
+lines work against them. The pipeline's run through them is conftest.tiny_pipeline
+(tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 
 import pytest
 
-from tests.conftest import REPO, WORK_POOL
+from tests.conftest import REPO, WORK_POOL, project_env
 from tests.services import basic_auth, http_status
 
 pytestmark = pytest.mark.slow
@@ -50,3 +53,51 @@ def test_prefect_yaml_put_both_deployments_on_the_teams_pool(tiny_pipeline, team
     assert full.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
         "directory": "{{ $OMNILONG_PROJECT_DIR }}"}}]
     assert (tiny_pipeline / "prefect.yaml").read_bytes() == (REPO / "prefect.yaml").read_bytes()
+
+
+def _readme_promotion_commands() -> list[str]:
+    """The command lines of the README's "Promoting a model" block, as a team member pastes them."""
+    section = (REPO / "README.md").read_text().split("**Promoting a model.**", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_promotion_commands_read_and_move_the_champion(tiny_pipeline, team_stack, monkeypatch):
+    """The README's two promotion lines, verbatim, against the basic-auth MLflow server after the
+    `full` deployment run: the first prints the gate's decision (the champion's version and its
+    gate score tag), the second moves `champion` to the version it names."""
+    import ast
+
+    from mlflow import MlflowClient
+
+    read, move = _readme_promotion_commands()
+    [(name, target)] = re.findall(r"set_registered_model_alias\('([^']+)', 'champion', (\d+)\)", move)
+    # As the README's section exports them: the server's address, the basic-auth user from .env.
+    credentials = {"MLFLOW_TRACKING_URI": team_stack.mlflow_uri,
+                   "MLFLOW_TRACKING_USERNAME": team_stack.mlflow_admin[0],
+                   "MLFLOW_TRACKING_PASSWORD": team_stack.mlflow_admin[1]}
+    for variable, value in credentials.items():
+        monkeypatch.setenv(variable, value)
+    env = {**project_env(tiny_pipeline), **credentials}
+
+    def run(line: str) -> str:
+        result = subprocess.run(["bash", "-c", line], cwd=tiny_pipeline, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    client = MlflowClient(team_stack.mlflow_uri)
+    champion = client.get_model_version_by_alias(name, "champion")
+    version, _, tags = run(read).strip().partition(" ")
+    assert (version, ast.literal_eval(tags)) == (str(champion.version), champion.tags)
+    assert any(tag.startswith("omnilong.gate.") for tag in champion.tags)  # the gate's recorded score
+
+    # Away from the README's version first, so that its line has something to move.
+    elsewhere = next(str(v.version) for v in client.search_model_versions(f"name = '{name}'")
+                     if str(v.version) != target)
+    client.set_registered_model_alias(name, "champion", elsewhere)
+    try:
+        run(move)
+        assert str(client.get_model_version_by_alias(name, "champion").version) == target
+    finally:  # the tests after this one read the gate's own decision
+        client.set_registered_model_alias(name, "champion", champion.version)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omnilong.config import TrackingParams
 from omnilong.tracking.secrets import redact_uri
-from omnilong.tracking.store import check_reachable, tracking_uri
+from omnilong.tracking.store import check_reachable, set_tracking_uri, tracking_uri
 
 MODEL_ARTIFACT = "model"
 
@@ -67,7 +67,7 @@ def resolve_model_dir(model: str, tracking: TrackingParams) -> Path:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(tracking, Path("."))
-    mlflow.set_tracking_uri(uri)
+    set_tracking_uri(uri)
     try:
         return Path(mlflow.artifacts.download_artifacts(model))
     except MlflowException as exc:

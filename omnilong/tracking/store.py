@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omnilong.config import TrackingParams
+from omnilong.tracking.plugins import quiet_sagemaker_headers_off_arn
 from omnilong.tracking.secrets import redact_uri
 
 
@@ -43,6 +44,15 @@ def check_reachable(tracking: TrackingParams, timeout_s: float = PREFLIGHT_TIMEO
         ) from None
 
 
+def set_tracking_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri`, with the SageMaker plugin's header warnings kept to SageMaker's
+    servers (omnilong/tracking/plugins.py)."""
+    import mlflow
+
+    quiet_sagemaker_headers_off_arn()
+    mlflow.set_tracking_uri(uri)
+
+
 def tracking_uri(tracking: TrackingParams, root: Path) -> str:
     if tracking.uri:
         return tracking.uri
@@ -59,7 +69,7 @@ def use_experiment(tracking: TrackingParams, root: Path) -> str:
     import mlflow
 
     check_reachable(tracking)  # fails in seconds where MLflow's client would retry for minutes
-    mlflow.set_tracking_uri(tracking_uri(tracking, root))
+    set_tracking_uri(tracking_uri(tracking, root))
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
