@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.measure import free_port  # noqa: F401  (tests import it from here)
 from tests.services import BUCKET, native_stack
@@ -224,6 +225,37 @@ def tiny_raw_dir(tmp_path_factory) -> Path:
     raw_dir = tmp_path_factory.mktemp("tiny_raw") / "raw"
     synthesize_default_corpus(synth, raw_dir / "default")
     return raw_dir
+
+
+def video_stage_project(work: Path, root: Path, model_dir: Path, num_videos: int, stage3: dict) -> dict:
+    """A project in `work` (paths relative to `root`, where commands run) whose default corpus holds
+    `num_videos` videos of 12 frames (48 x 64, 4 fps) and little text; stage 3 prepared and packed
+    with `stage3`, one video held out. Returns the raw parameters."""
+    from omnilong.config import SynthParams, parse_params
+    from omnilong.data.pack import pack_stage
+    from omnilong.data.prepare import prepare_corpora
+    from omnilong.data.synth import synthesize_default_corpus
+
+    synthesize_default_corpus(SynthParams.model_validate({
+        "text": {"num_documents": 1, "min_chars": 500, "max_chars": 800},
+        "instruct": {"num_samples": 1, "context_chars": 400},
+        "video": {"num_videos": num_videos, "num_frames": 12, "height": 48, "width": 64, "fps": 4,
+                  "long": {"num_videos": 0}},
+    }), work / "raw" / "default")
+    raw = {
+        "model": {"family": "qwen2_5_vl", "path": str(model_dir.relative_to(root))},
+        "data": {key: str((work / name).relative_to(root))
+                 for key, name in (("raw_dir", "raw"), ("tokenized_dir", "tokenized"), ("packed_dir", "packed"))},
+        "stages": {"stage1": {"seq_len": 1024, "sp_size": 2}, "stage2": {"seq_len": 1024, "sp_size": 2},
+                   "stage3": stage3},
+        "eval": {"heldout_documents": 1},
+        "parallel": {"timeout_s": 120},  # ranks out of step would fail in 2 minutes, not hang
+    }
+    params = parse_params(raw)
+    prepare_corpora(params, root)
+    pack_stage(params, "stage3", root)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    return raw
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import project_env
+from tests.conftest import project_env, video_stage_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,40 +27,18 @@ FEW, MANY = 4, 8  # frames of each video in the first phase, and from step 2 on 
 def scheduled_video_stage(tmp_path_factory, tiny_model_dir):
     """A stage-3 project: 5 videos of 12 frames (one held out); 5 steps, the first 2 at FEW frames
     in 288-token rows, the rest at MANY in 320-token rows (one video's chat to a row)."""
-    from omnilong.config import SynthParams, parse_params
-    from omnilong.data.pack import pack_stage
-    from omnilong.data.prepare import prepare_corpora
-    from omnilong.data.synth import synthesize_default_corpus
+    from omnilong.config import parse_params
 
     root = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("frame_schedule")
-    synthesize_default_corpus(SynthParams.model_validate({
-        "text": {"num_documents": 1, "min_chars": 500, "max_chars": 800},
-        "instruct": {"num_samples": 1, "context_chars": 400},
-        "video": {"num_videos": 5, "num_frames": 12, "height": 48, "width": 64, "fps": 4, "long": {"num_videos": 0}},
-    }), work / "raw" / "default")
-    raw = {
-        "model": {"family": "qwen2_5_vl", "path": str(tiny_model_dir("qwen2_5_vl").relative_to(root))},
-        "data": {key: str((work / name).relative_to(root))
-                 for key, name in (("raw_dir", "raw"), ("tokenized_dir", "tokenized"), ("packed_dir", "packed"))},
-        "stages": {
-            "stage1": {"seq_len": 1024, "sp_size": 2},
-            "stage2": {"seq_len": 1024, "sp_size": 2},
-            "stage3": {
-                "seq_len": 320, "sp_size": 2, "video_frames": {"num_frames": MANY},
-                "context_schedule": [{"from_step": 0, "seq_len": 288, "video_frames": {"num_frames": FEW}},
-                                     {"from_step": 2, "seq_len": 320}],
-                "train": {"max_steps": 5, "checkpoint_every": 3, "warmup_steps": 1, "finetune": "lora"},
-            },
-        },
-        "eval": {"heldout_documents": 1},
-        "parallel": {"timeout_s": 120},
+    stage3 = {
+        "seq_len": 320, "sp_size": 2, "video_frames": {"num_frames": MANY},
+        "context_schedule": [{"from_step": 0, "seq_len": 288, "video_frames": {"num_frames": FEW}},
+                             {"from_step": 2, "seq_len": 320}],
+        "train": {"max_steps": 5, "checkpoint_every": 3, "warmup_steps": 1, "finetune": "lora"},
     }
-    params = parse_params(raw)
-    prepare_corpora(params, root)
-    pack_stage(params, "stage3", root)
+    params = parse_params(video_stage_project(work, root, tiny_model_dir("qwen2_5_vl"), 5, stage3))
     params_file = work / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
     return params, root, params_file
 
 

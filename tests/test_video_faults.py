@@ -18,14 +18,13 @@ import av
 import pytest
 import torch
 import torch.distributed as dist
-import yaml
 from safetensors.torch import load_file
 
 from omnilong.config import VideoTokenParams
 from omnilong.data.video_frames import VideoReadError, read_frames, video_info
 from omnilong.train.batches import IGNORE_INDEX, StepBatches
 from omnilong.train.video_faults import VideoFaults
-from tests.conftest import project_env
+from tests.conftest import project_env, video_stage_project
 from tests.test_step_batches import three_video_rows
 
 
@@ -147,37 +146,17 @@ def test_a_stage_goes_on_when_one_rank_cannot_decode_a_frame(tmp_path_factory, t
     video of the row step 1 reads is cut after prepare. Rank 1 fails to decode its frames, both
     ranks replace the row by the unread one, the stage ends and exports finite weights, and the
     row is counted once."""
-    from omnilong.config import SynthParams, parse_params
-    from omnilong.data.pack import pack_stage
-    from omnilong.data.prepare import prepare_corpora
+    from omnilong.config import parse_params
     from omnilong.data.shards import PackedShards
-    from omnilong.data.synth import synthesize_default_corpus
     from omnilong.train.row_order import epoch_order
 
     root = tmp_path_factory.getbasetemp()
     work = tmp_path_factory.mktemp("video_fault_stage")
-    synthesize_default_corpus(SynthParams.model_validate({
-        "text": {"num_documents": 1, "min_chars": 500, "max_chars": 800},
-        "instruct": {"num_samples": 1, "context_chars": 400},
-        "video": {"num_videos": 4, "num_frames": 12, "height": 48, "width": 64, "fps": 4, "long": {"num_videos": 0}},
-    }), work / "raw" / "default")
-    raw = {
-        "model": {"family": "qwen2_5_vl", "path": str(tiny_model_dir("qwen2_5_vl").relative_to(root))},
-        "data": {key: str((work / name).relative_to(root))
-                 for key, name in (("raw_dir", "raw"), ("tokenized_dir", "tokenized"), ("packed_dir", "packed"))},
-        "stages": {
-            "stage1": {"seq_len": 1024, "sp_size": 2},
-            "stage2": {"seq_len": 1024, "sp_size": 2},
-            # One video's chat fits a row, two do not.
-            "stage3": {"seq_len": 320, "sp_size": 2, "video_frames": {"num_frames": 8},
-                       "train": {"max_steps": 2, "checkpoint_every": 2, "warmup_steps": 1}},
-        },
-        "eval": {"heldout_documents": 1},
-        "parallel": {"timeout_s": 120},  # ranks out of step would fail in 2 minutes, not hang
-    }
+    # One video's chat fits a row, two do not.
+    stage3 = {"seq_len": 320, "sp_size": 2, "video_frames": {"num_frames": 8},
+              "train": {"max_steps": 2, "checkpoint_every": 2, "warmup_steps": 1}}
+    raw = video_stage_project(work, root, tiny_model_dir("qwen2_5_vl"), 4, stage3)
     params = parse_params(raw)
-    prepare_corpora(params, root)
-    pack_stage(params, "stage3", root)
     packed = PackedShards(root / params.data.packed_dir / "stage3")
     assert len(packed) == 3 and all(len(packed[row]["videos"]) == 1 for row in range(3))
     first = int(epoch_order(params.seed + params.stages.stage3.train.seed, 3, 0)[0])
@@ -186,10 +165,8 @@ def test_a_stage_goes_on_when_one_rank_cannot_decode_a_frame(tmp_path_factory, t
     cut_after_frame(root / video, 6)  # rank 0 decodes frames 0-5, rank 1 frames 6-11
     assert 6 <= video_info(root / video).num_frames < 12
 
-    params_file = work / "params.yaml"
-    params_file.write_text(yaml.safe_dump(raw))
     result = subprocess.run(
-        [sys.executable, "-m", "omnilong.cli", "train", "--stage", "stage3", "--params", str(params_file),
+        [sys.executable, "-m", "omnilong.cli", "train", "--stage", "stage3", "--params", str(work / "params.yaml"),
          "--init", raw["model"]["path"], "--out", "runs/video-fault", "--checkpoints", "checkpoints/video-fault"],
         cwd=root, env=project_env(root), capture_output=True, text=True, timeout=600,
     )
