@@ -23,7 +23,8 @@ them with the model's own tokenizer:
                     the skipped records with the file and the reason; each file's size and
                     CRC-32, verified when `pack` opens the stage (omnilong/data/checksum.py)
 
-The flat files are appended to as documents stream by, so memory stays flat whatever the corpus size.
+The files are written as documents stream by (the index's per-document entries through a scratch
+file), so memory stays flat whatever the number of documents; it follows the longest one.
 
 Text and instruct records are encoded in batches of consecutive records of one file, each batch
 in one call of the tokenizers library, by `data.prepare_workers` processes holding the tokenizer's
