@@ -25,7 +25,8 @@ them with the model's own tokenizer:
                     the skipped records with the file and the reason; each file's size and
                     CRC-32, verified when `pack` opens the stage (omnilong/data/checksum.py)
 
-The flat files are appended to as documents stream by, so memory stays flat whatever the corpus size.
+The files are written as documents stream by (the index's per-document entries through a scratch
+file), so memory stays flat whatever the number of documents; it follows the longest one.
 
 Text and instruct records are encoded in batches of consecutive records of one file, each batch
 in one call of the tokenizers library, by `data.prepare_workers` processes holding the tokenizer's
@@ -37,13 +38,16 @@ by one.
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -182,21 +186,33 @@ class TokenizedStage:
         return self.tokens[start:end], self.trainable[start:end].astype(bool)
 
 
+@dataclass(frozen=True)
+class PreparedStage:
+    """What `write_tokenized` wrote: the index's totals, without its per-document list, which
+    goes to `index.json` as documents stream by (held in memory, it would grow with the corpus)."""
+
+    num_documents: int
+    num_tokens: int
+    trainable_tokens: int
+    skipped: list[SkippedDocument]
+
+
 def write_tokenized(
     stage_dir: Path,
     stage: StageName,
     family: Family,
     pad_token_id: int,
     documents: Iterable[TokenizedDocument | SkippedDocument],
-) -> TokenizedIndex:
+) -> PreparedStage:
     """Stream documents into `stage_dir`, replacing it atomically once all are written; skipped
-    ones are listed in the index."""
-    entries: list[DocumentEntry] = []
+    ones are listed in the index. Memory stays flat in the number of documents: their index
+    entries and offsets go to scratch files, spliced into `index.json` and `offsets.npy` at the end."""
     skipped: list[SkippedDocument] = []
-    offsets = [0]
-    trainable_tokens = 0
+    num_documents = num_tokens = trainable_tokens = 0
     with atomic.atomic_dir(stage_dir) as staging:
-        with open(staging / TOKENS_FILE, "wb") as tokens, open(staging / TRAINABLE_FILE, "wb") as masks:
+        with (open(staging / TOKENS_FILE, "wb") as tokens, open(staging / TRAINABLE_FILE, "wb") as masks,
+              tempfile.TemporaryFile(dir=staging) as entries, tempfile.TemporaryFile(dir=staging) as offsets):
+            offsets.write(np.int64(0).tobytes())
             for doc in documents:
                 if isinstance(doc, SkippedDocument):
                     skipped.append(doc)
@@ -208,32 +224,57 @@ def write_tokenized(
                     )
                 tokens.write(np.asarray(doc.token_ids, dtype=TOKEN_DTYPE).tobytes())
                 masks.write(np.asarray(doc.trainable, dtype=np.uint8).tobytes())
-                entries.append(doc.entry)
-                offsets.append(offsets[-1] + len(doc.token_ids))
+                entries.write(b"," * (num_documents > 0) + doc.entry.model_dump_json().encode())
+                num_documents += 1
+                num_tokens += len(doc.token_ids)
+                offsets.write(np.int64(num_tokens).tobytes())
                 trainable_tokens += int(np.count_nonzero(doc.trainable))
             for handle in (tokens, masks):
                 handle.flush()
                 os.fsync(handle.fileno())
-        if not entries:
-            unreadable = f" ({len(skipped)} skipped: their files cannot be read)" if skipped else ""
-            raise PrepareError(
-                f"stages.{stage}.corpora: no usable {STAGE_KIND[stage]} record in any of them{unreadable}"
+            if not num_documents:
+                unreadable = f" ({len(skipped)} skipped: their files cannot be read)" if skipped else ""
+                raise PrepareError(
+                    f"stages.{stage}.corpora: no usable {STAGE_KIND[stage]} record in any of them{unreadable}"
+                )
+            _splice(staging / OFFSETS_FILE, _npy_header((num_documents + 1,), np.dtype(np.int64)), offsets)
+            index = TokenizedIndex(
+                stage=stage,
+                kind=STAGE_KIND[stage],
+                family=family,
+                pad_token_id=pad_token_id,
+                num_documents=num_documents,
+                num_tokens=num_tokens,
+                trainable_tokens=trainable_tokens,
+                documents=[],
+                skipped=skipped,
+                files={name: file_checksum(staging / name) for name in (TOKENS_FILE, TRAINABLE_FILE, OFFSETS_FILE)},
             )
-        np.save(staging / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
-        index = TokenizedIndex(
-            stage=stage,
-            kind=STAGE_KIND[stage],
-            family=family,
-            pad_token_id=pad_token_id,
-            num_documents=len(entries),
-            num_tokens=offsets[-1],
-            trainable_tokens=trainable_tokens,
-            documents=entries,
-            skipped=skipped,
-            files={name: file_checksum(staging / name) for name in (TOKENS_FILE, TRAINABLE_FILE, OFFSETS_FILE)},
-        )
-        atomic.write_text(staging / INDEX_FILE, index.model_dump_json())
-    return index
+            # The index as `model_dump_json` writes it, its (empty) document list filled from the scratch file.
+            head, empty_list, tail = index.model_dump_json().partition('"documents":[]')
+            assert empty_list, "TokenizedIndex dumps its documents as a JSON list"
+            _splice(staging / INDEX_FILE, f'{head}"documents":['.encode(), entries, f"]{tail}".encode())
+    return PreparedStage(num_documents, num_tokens, trainable_tokens, skipped)
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The header `np.save` writes for an array of `shape` and `dtype`."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
+def _splice(path: Path, head: bytes, scratch: BinaryIO, tail: bytes = b"") -> None:
+    """Write `path`: `head`, the scratch file's bytes (copied 64 KiB at a time), `tail`; synced."""
+    scratch.flush()
+    scratch.seek(0)
+    with open(path, "wb") as out:
+        out.write(head)
+        shutil.copyfileobj(scratch, out)
+        out.write(tail)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def load_tokenized(stage_dir: Path) -> TokenizedStage:
@@ -624,9 +665,9 @@ def tokenized_dir(params: Params, stage: StageName, video_frames: FrameSampling 
 
 def prepare_stage(
     params: Params, stage: StageName, pool: EncodingPool, model_config: PretrainedConfig | None, root: Path = Path(".")
-) -> TokenizedIndex:
+) -> PreparedStage:
     """Tokenise one stage's corpora (`model_config`: for a video stage), once for each of its frame
-    settings; returns the index of the stage's own."""
+    settings; returns what the stage's own holds."""
     indexes = []
     for video_frames in params.stages[stage].frame_settings or [None]:
         stage_dir = tokenized_dir(params, stage, video_frames, root)
