@@ -12,6 +12,7 @@ import pytest
 
 from omnilong.config import ConfigError, Params, parse_params
 from omnilong.data.pack import PackError, heldout_dir, packed_set_dirs, pack_stage
+from omnilong.data.pack_inputs import INPUTS_FILE
 from omnilong.data.packed_summary import describe_packed_stage, stage_mixture
 from omnilong.data.prepare import DocumentEntry, TokenizedDocument
 from omnilong.data.shards import PackedShards
@@ -144,7 +145,9 @@ def test_the_draw_is_fixed_by_the_seed(mixed, tmp_path):
     packed = Path(params.data.packed_dir) / "stage1"
 
     def files(directory: Path) -> dict[Path, bytes]:
-        return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+        """The packed files (the record of the inputs names each project's own paths)."""
+        return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*"))
+                if p.is_file() and p.name != INPUTS_FILE}
 
     def drawn(directory: Path) -> Counter:
         """How often each document starts in the rows at seq_len."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -210,6 +212,7 @@ def test_packing_is_deterministic(tmp_path):
     packed = Path(params.data.packed_dir) / "stage1"
     pack_stage(params, "stage1", rows_per_shard=4)
     first = {p.relative_to(packed): p.read_bytes() for p in sorted(packed.rglob("*")) if p.is_file()}
+    shutil.rmtree(packed)  # else the second pack finds its inputs unchanged and writes nothing
     pack_stage(params, "stage1", rows_per_shard=4)
     second = {p.relative_to(packed): p.read_bytes() for p in sorted(packed.rglob("*")) if p.is_file()}
     assert first == second
@@ -378,6 +381,37 @@ def test_failure_mid_pack_leaves_the_previous_output_intact(tmp_path, monkeypatc
     after = {p.relative_to(packed): p.read_bytes() for p in packed.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in packed.parent.iterdir()) == ["stage1"]
+
+
+def test_packing_again_from_the_same_inputs_writes_nothing_and_a_changed_input_packs_again(tmp_path, capsys):
+    """A training-only change (lr, the loss) leaves the rows; a damaged file, a packing parameter
+    or other tokenized documents pack again."""
+    params = hand_params(tmp_path)
+    write_hand_stage(params, "stage1", hand_documents([60] * 10))
+    packed = Path(params.data.packed_dir) / "stage1"
+
+    def pack_with(**stage_changes) -> bool:
+        """Packs; whether it wrote the stage anew (the atomic swap gives the directory a new inode)."""
+        raw = params.model_dump(mode="json")
+        for key, value in stage_changes.items():
+            section, _, field = key.rpartition("__")
+            (raw["stages"]["stage1"][section] if section else raw["stages"]["stage1"])[field] = value
+        before = os.stat(packed).st_ino if packed.exists() else None
+        pack_stage(parse_params(raw), "stage1", rows_per_shard=2)
+        return os.stat(packed).st_ino != before
+
+    assert pack_with()
+    capsys.readouterr()
+    assert not pack_with(train__lr=5e-4, train__warmup_steps=0, loss__z_loss=1e-4)
+    assert "packed from these inputs already (inputs.json); left as it is" in capsys.readouterr().out
+    shard = next((packed / "shards").glob("*/input_ids.npy"))
+    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
+    assert pack_with()  # a damaged file
+    PackedShards(packed)  # whole again
+    assert pack_with(seq_len=128)
+    assert pack_with(seq_len=128, train__max_steps=40)  # with a mixture, the tokens drawn depend on it
+    write_hand_stage(params, "stage1", hand_documents([60] * 10, seed=1))
+    assert pack_with(seq_len=128, train__max_steps=40)
 
 
 def _packed_index(tmp_path) -> tuple[Path, dict]:

@@ -25,11 +25,15 @@ packed rows could be held out without its documents reaching training through ot
 
 With a mixture (`stages.<stage>.mixture`), each length is packed instead from the training
 documents drawn for it (omnilong/data/mixture.py), and its index records the draw.
+
+Packing again from the inputs the stage's `inputs.json` records writes nothing
+(omnilong/data/pack_inputs.py).
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +46,7 @@ from omnilong import atomic
 from omnilong.config import STAGE_KIND, EvalParams, FrameSampling, PackedSet, Params, StageName, StageParams
 from omnilong.data.checksum import FileChecksum, file_checksum
 from omnilong.data.mixture import MixtureError, draw_mixture
+from omnilong.data.pack_inputs import INPUTS_FILE, pack_inputs, packed_from
 from omnilong.data.prepare import TokenizedStage, load_tokenized, tokenized_dir
 from omnilong.data.shards import (
     INDEX_FILE,
@@ -266,8 +271,14 @@ def pack_stage(
     documents drawn for it instead.
     """
     stage_params = params.stages[stage]
-    by_frames = {video_frames: _load_prepared(params, stage, video_frames, root)
-                 for video_frames in stage_params.frame_settings or [None]}
+    frame_settings = stage_params.frame_settings or [None]
+    stage_dir = root / params.data.packed_dir / stage
+    inputs = pack_inputs(params, stage, [tokenized_dir(params, stage, frames, root) for frames in frame_settings],
+                         rows_per_shard)
+    if packed_from(stage_dir, inputs, [*packed_set_dirs(stage_dir, stage_params).values(), heldout_dir(stage_dir)]):
+        tqdm.write(f"pack {stage}: {stage_dir} was packed from these inputs already ({INPUTS_FILE}); left as it is")
+        return
+    by_frames = {video_frames: _load_prepared(params, stage, video_frames, root) for video_frames in frame_settings}
     tokenized = by_frames[stage_params.video_frames]
     mrope_config = None
     if params.model.family == "qwen2_5_vl" and STAGE_KIND[stage] == "video":
@@ -299,11 +310,12 @@ def pack_stage(
                    packed.seq_len == stage_params.seq_len, params.seed, mrope_config,
                    rows_per_shard or max(1, DEFAULT_TOKENS_PER_SHARD // packed.seq_len), heldout_split, mixture)
 
-    with atomic.atomic_dir(root / params.data.packed_dir / stage) as staging:
+    with atomic.atomic_dir(stage_dir) as staging:
         for packed, target in packed_set_dirs(staging, stage_params).items():
             documents, mixture = draws.get(packed.seq_len, (training_by_frames[packed.video_frames], None))
             pack(target, packed, documents, split if target == staging else None, mixture)
         pack(heldout_dir(staging), stage_params.packed_sets[0], split.documents)
+        atomic.write_text(staging / INPUTS_FILE, json.dumps(inputs, indent=1, sort_keys=True))
 
 
 def _load_prepared(params: Params, stage: StageName, video_frames: FrameSampling | None, root: Path) -> TokenizedStage:

@@ -12,7 +12,6 @@ input is named when the old checkpoints are set aside.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from omnilong import atomic
 from omnilong.config import Params, StageName
 from omnilong.data.pack import packed_set_dirs
 from omnilong.data.shards import read_index
-from omnilong.digest import json_digest
+from omnilong.digest import code_digest, json_digest
 from omnilong.train import rng
 from omnilong.train.disk_space import check_free_space
 from omnilong.train.faults import kill_job_before_publishing_if_asked
@@ -41,16 +40,6 @@ def _flat(prefix: str, value: Any) -> dict[str, Any]:
     if isinstance(value, list):
         return {prefix: json.dumps(value, sort_keys=True)}
     return {prefix: value}
-
-
-def code_digest() -> str:
-    """A hash of OmniLong's own code: a retry resumes, a code change retrains."""
-    digest = hashlib.sha256()
-    package = Path(__file__).resolve().parents[1]
-    for source in sorted(package.rglob("*.py")):
-        digest.update(source.relative_to(package).as_posix().encode())
-        digest.update(source.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def resume_inputs(params: Params, stage: StageName, init_dir: Path, world_size: int) -> dict[str, Any]:
