@@ -145,5 +145,10 @@ def test_quick_run_measures_both_paths_and_prints_one_json_line(gpu_suite_quick)
         assert run["ours_over_floor"] == (None if ours_slope is None else pytest.approx(ours_slope / TOY_TOTAL[run["layers"]]))
         assert run["naive_over_ours"] == (None if None in (ours_slope, naive_slope)
                                           else pytest.approx(naive_slope / ours_slope))
+    # The whole model is extrapolated from the per-layer slopes, so only when each was resolved: at
+    # the toy lengths a CPU's allocator scatter can hide one (seen in CI at 46d9ba7).
+    if any(resolved_slope(run["ours"]) is None for run in summary["runs"]):
+        assert "whole_model" not in summary
+        return
     whole = summary["whole_model"]
     assert whole["extrapolated"] and whole["layers"] == 4 and whole["from_layers"] == [1, 2]

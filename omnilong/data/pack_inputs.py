@@ -50,8 +50,9 @@ def pack_inputs(
         "seed": params.seed,
         "world_size": params.parallel.world_size,
         "heldout_documents": params.eval.heldout_documents,
+        # None where nothing is prepared yet: then nothing matches, and loading names what is missing.
         "tokenized": {directory.name: file_checksum(directory / TOKENIZED_INDEX).model_dump(mode="json")
-                      for directory in tokenized_dirs},
+                      if (directory / TOKENIZED_INDEX).is_file() else None for directory in tokenized_dirs},
         "code": code_digest(),
     }
 
