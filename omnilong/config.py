@@ -766,16 +766,15 @@ class Params(_Params):
             if STAGE_KIND[name] != "text" and stage.mixture is not None:
                 raise _FieldError(f"stages.{name}.mixture", "unset: a mixture draws the text documents of stage 1",
                                   stage.mixture)
-            if STAGE_KIND[name] != "video" and stage.video_frames is not None:
-                raise _FieldError(
-                    f"stages.{name}.video_frames",
-                    "unset: this stage trains on text",
-                    stage.video_frames.model_dump(exclude_none=True),
-                )
-            for i, entry in enumerate(stage.context_schedule):
-                if STAGE_KIND[name] != "video" and entry.video_frames is not None:
-                    raise _FieldError(f"stages.{name}.context_schedule.{i}.video_frames",
-                                      "unset: this stage trains on text", entry.video_frames.model_dump(exclude_none=True))
+            if STAGE_KIND[name] != "video":
+                frame_fields = [("video_frames", stage.video_frames)] + [
+                    (f"context_schedule.{i}.video_frames", entry.video_frames)
+                    for i, entry in enumerate(stage.context_schedule)
+                ]
+                for field, sampling in frame_fields:
+                    if sampling is not None:
+                        raise _FieldError(f"stages.{name}.{field}", "unset: this stage trains on text",
+                                          sampling.model_dump(exclude_none=True))
         if world % self.eval.sp_size:
             raise _FieldError(
                 "eval.sp_size",

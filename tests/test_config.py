@@ -91,7 +91,8 @@ BAD_FILES = [
     (_set("stages.stage1.context_schedule", [{"from_step": 0, "seq_len": 512, "video_frames": {"num_frames": 8}},
                                              {"from_step": 6, "seq_len": 1024}]),
      "stages.stage1.context_schedule.0.video_frames", "unset: this stage trains on text"),
-    (_set("stages.stage3.context_schedule", [{"from_step": 0, "seq_len": 1024, "video_frames": {"fps": 2, "num_frames": 8}},
+    (_set("stages.stage3.context_schedule", [{"from_step": 0, "seq_len": 1024,
+                                              "video_frames": {"fps": 2, "num_frames": 8}},
                                              {"from_step": 6, "seq_len": 1536}]),
      "stages.stage3.context_schedule.0.video_frames.num_frames", "exactly one of num_frames and fps"),
 ]

@@ -212,7 +212,8 @@ def test_a_video_corpus_asks_its_questions_in_any_format(tmp_path, tiny_model_di
     same videos, pass `data add`'s checks and prepare to the same tokens."""
     from omnilong.data.user_corpus import CorpusError, validate_corpus
 
-    questions = [json.loads(line) for line in (tiny_raw_dir / "default" / "video" / "qa.jsonl").read_text().splitlines()]
+    qa = tiny_raw_dir / "default" / "video" / "qa.jsonl"
+    questions = [json.loads(line) for line in qa.read_text().splitlines()]
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "default").symlink_to(tiny_raw_dir / "default")
@@ -245,5 +246,6 @@ def test_a_video_corpus_asks_its_questions_in_any_format(tmp_path, tiny_model_di
     np.testing.assert_array_equal(mapped.trainable, ours.trainable)
 
     write(theirs, "qa", "jsonl", questions)  # two sources of questions: which one is meant?
-    with pytest.raises(CorpusError, match=r"one source of their questions, qa in one of .* \(found qa.jsonl, qa.parquet\)"):
+    with pytest.raises(CorpusError,
+                       match=r"one source of their questions, qa in one of .* \(found qa.jsonl, qa.parquet\)"):
         validate_corpus(theirs, "video", SHAREGPT)

@@ -2,7 +2,8 @@
 
 A corpus directory holds `text/` and `instruct/` (JSONL, plain or compressed, Parquet, or
 `datasets` folders: omnilong/data/readers.py) and `video/` (the videos and .srt subtitle files,
-and their questions as `qa` in any of those formats, naming them relative to `video/`); a corpus may hold only some of the kinds. Our
+and their questions as `qa` in any of those formats, naming them relative to `video/`); a
+corpus may hold only some of the kinds. Our
 own records are read as they are; a user corpus with a field mapping (`data.fields` in the
 parameters) is read through it, so its data needs no rewriting.
 """
@@ -113,7 +114,8 @@ def corpus_files(corpus_dir: Path, kind: CorpusKind) -> list[Path]:
 def corpus_layout(corpus_dir: Path, kind: CorpusKind) -> str:
     """Where a corpus keeps its records of `kind`, for messages that find none."""
     if kind == "video":
-        return f"{corpus_dir / 'video'}/ holding the videos and their questions as {VIDEO_QUESTIONS} in one of {FORMATS}"
+        return (f"{corpus_dir / 'video'}/ holding the videos and their questions as {VIDEO_QUESTIONS} "
+                f"in one of {FORMATS}")
     return f"{corpus_dir / kind}/ holding {FORMATS}"
 
 

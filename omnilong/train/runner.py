@@ -205,8 +205,8 @@ def loader_workers(num_workers: int) -> dict:
     return {"num_workers": num_workers, "prefetch_factor": 2, "persistent_workers": True}
 
 
-def _all_reduce_sum(value: float, device: torch.device, op=dist.ReduceOp.SUM) -> float:
-    """`value` summed over every rank (or combined by `op`)."""
+def _all_reduce(value: float, device: torch.device, op=dist.ReduceOp.SUM) -> float:
+    """`value` combined over every rank by `op` (summed by default)."""
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return float(tensor.item())
@@ -237,9 +237,9 @@ def train_step(
     """
     world, accumulation = dist.get_world_size(), len(batches)
     inputs = [step_inputs(batch, family, device, sp) for batch in batches]
-    global_valid = _all_reduce_sum(sum(step.num_valid for step in inputs), device)
+    global_valid = _all_reduce(sum(step.num_valid for step in inputs), device)
     # Every rank of a sequence-parallel group reads the same rows: count them once.
-    global_tokens = _all_reduce_sum(sum(b.num_tokens for b in batches), device) / (sp.size if sp else 1)
+    global_tokens = _all_reduce(sum(b.num_tokens for b in batches), device) / (sp.size if sp else 1)
     scale = world * accumulation / max(global_valid, 1.0)
     loss_sum_local = 0.0
     for index, step in enumerate(inputs):
@@ -257,7 +257,7 @@ def train_step(
         engine.step()
     else:
         skip_update(engine)
-    loss = _all_reduce_sum(loss_sum_local, device) / max(global_valid, 1.0)
+    loss = _all_reduce(loss_sum_local, device) / max(global_valid, 1.0)
     return StepResult(loss, global_tokens, gradients.grad_norm, skipped=not gradients.finite)
 
 
@@ -329,12 +329,12 @@ def train_stage(params: Params, run: StageRun, params_file: Path) -> None:
             most_frames = None
             if STAGE_KIND[run.stage] == "video":  # what the phase's frame setting gave the videos, for the log
                 most_frames = max((count for batch in data.micro_batches for count in batch.frame_counts), default=0)
-                most_frames = int(_all_reduce_sum(most_frames, device, op=dist.ReduceOp.MAX))
+                most_frames = int(_all_reduce(most_frames, device, op=dist.ReduceOp.MAX))
             logger.step(
                 step, seq_len=stage.seq_len_at(step), loss=result.loss, lr=engine.get_lr()[0], tokens=result.tokens,
                 seconds=time.perf_counter() - started, grad_norm=result.grad_norm,
                 # Every rank of a sequence-parallel group skips the same rows: count them once.
-                skipped_rows=int(_all_reduce_sum(skipped_rows, device)) // mesh.sp_size,
+                skipped_rows=int(_all_reduce(skipped_rows, device)) // mesh.sp_size,
                 update_skipped=result.skipped, nonfinite_steps=nonfinite.total, video_frames=most_frames,
             )
             nonfinite.stop_if_too_many(step, train.max_steps)

@@ -39,7 +39,8 @@ class VideoFaults:
         self._packed_sets = list(batches.datasets)
         """In the stage's order: the state names a packed set by its number here."""
         self._taken: dict[tuple[Hashable, int], set[int]] = {
-            (self._packed_sets[number], epoch): set(rows) for number, epoch, rows in (state or {}).get("spares_taken", [])
+            (self._packed_sets[number], epoch): set(rows)
+            for number, epoch, rows in (state or {}).get("spares_taken", [])
         }
         """(packed set, epoch) -> the spare rows taken so far."""
         self._undecodable: set[tuple[Hashable, int]] = set()
@@ -47,7 +48,8 @@ class VideoFaults:
 
     def state(self) -> dict:
         """The spares taken, as JSON (the same on every rank: they choose alike)."""
-        taken = sorted((self._packed_sets.index(packed), epoch, sorted(rows)) for (packed, epoch), rows in self._taken.items())
+        taken = sorted((self._packed_sets.index(packed), epoch, sorted(rows))
+                       for (packed, epoch), rows in self._taken.items())
         return {"spares_taken": [list(entry) for entry in taken]}
 
     def agree(self, step: int, data: StepData) -> StepData:
