@@ -56,7 +56,7 @@ def test_a_stalled_rank_fails_the_stage_within_the_timeout(stage1_setup):  # noq
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert re.search(
-        rf"rank 1: step 1: all_reduce \(called at omnilong/train/runner.py:\d+ in _all_reduce_sum\) did not "
+        rf"rank 1: step 1: all_reduce \(called at omnilong/train/runner.py:\d+ in _all_reduce\) did not "
         rf"complete within parallel.timeout_s={timeout_s} s \(a peer stopped answering\)", output
     ), output[-3000:]
     stalled_from = float(re.search(r"sleeping 600 s in step 1 from t=([\d.]+)", output).group(1))
